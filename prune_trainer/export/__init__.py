@@ -1,0 +1,5 @@
+"""Export: plain `save_pretrained` checkpoints with zeros baked in, plus a sparsity report."""
+
+from prune_trainer.export.export import SPARSITY_FILE, export_pruned_model, sparsity_report
+
+__all__ = ["SPARSITY_FILE", "export_pruned_model", "sparsity_report"]

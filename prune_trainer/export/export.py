@@ -1,0 +1,63 @@
+"""Export a pruned model as a plain HF checkpoint (zeros baked in) plus ``sparsity.json``."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from prune_trainer.masking.inject import masked_layers, unwrap_masked_layers
+from prune_trainer.masking.sparsity import weight_sparsity_report
+
+SPARSITY_FILE = "sparsity.json"
+
+
+def sparsity_report(
+    model: nn.Module,
+    layer_names: list[str] | None = None,
+    method: str | None = None,
+    pattern: str = "unstructured",
+    config: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Global and per-layer zero fraction of the pruned Linear weights, with method/pattern/config."""
+    report = weight_sparsity_report(model, layer_names)
+    return {
+        "global_sparsity": report["global_sparsity"],
+        "num_zeros": report["num_zeros"],
+        "num_weights": report["num_weights"],
+        "per_layer": report["layers"],
+        "pattern": pattern,
+        "method": method,
+        "config": config or {},
+    }
+
+
+def export_pruned_model(
+    model: nn.Module,
+    path: str | os.PathLike,
+    tokenizer: Any = None,
+    method: str | None = None,
+    pattern: str = "unstructured",
+    config: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Unwrap ``model`` in place (``MaskedLinear`` → ``nn.Linear`` with ``W ⊙ M``), `save_pretrained`
+    it (and the tokenizer) to ``path``, and write ``sparsity.json``; return that report.
+
+    The directory reloads with ``AutoModelForTokenClassification.from_pretrained(path)``.
+    """
+    path = Path(path)
+    layer_names = list(masked_layers(model)) or None
+    unwrap_masked_layers(model)
+    for module in model.modules():  # drop training-only attributes set by callbacks
+        if hasattr(module, "_prune_trainer_target"):
+            del module._prune_trainer_target
+    report = sparsity_report(model, layer_names, method=method, pattern=pattern, config=config)
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(path)
+    (path / SPARSITY_FILE).write_text(json.dumps(report, indent=2))
+    return report

@@ -1,0 +1,1 @@
+"""Pruning methods' math: importance scores and weight updates (Trainer-independent)."""

@@ -1,0 +1,220 @@
+"""Recipe runner: YAML recipe → fine-tune (with or without pruning) → export → ``results/<name>/``.
+
+A recipe has the keys ``name``, ``model``, ``init_from``, ``data``, ``training`` (any
+`TrainingArguments` field), ``pruning`` (a `PruningConfig`, or null for dense) and
+``output_dir``. ``--set a.b=value`` overrides any key (value parsed as YAML).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from prune_trainer.masking.selection import check_sparsity
+
+RECIPE_KEYS = {"name", "model", "init_from", "data", "training", "pruning", "output_dir", "description"}
+DATA_KEYS = {"data_dir", "hub_dataset", "max_length", "max_train_samples", "max_eval_samples"}
+
+DEFAULT_TRAINING: dict[str, Any] = {
+    "num_train_epochs": 3,
+    "per_device_train_batch_size": 32,
+    "per_device_eval_batch_size": 64,
+    "learning_rate": 1e-4,
+    "weight_decay": 0.01,
+    "warmup_steps": 0,
+    "logging_steps": 50,
+    "eval_strategy": "epoch",
+    "save_strategy": "steps",
+    "save_steps": 200,
+    "save_total_limit": 1,
+    "report_to": "none",
+    "seed": 42,
+}
+
+
+def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> dict[str, Any]:
+    """Read a recipe YAML and apply ``key.sub=value`` overrides; validate its keys."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"recipe {str(path)!r} does not exist")
+    recipe = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(recipe, dict):
+        raise ValueError(f"recipe {path} must be a mapping, got {type(recipe).__name__}")
+    recipe.setdefault("name", path.stem)
+    for item in overrides or []:
+        apply_override(recipe, item)
+    unknown = set(recipe) - RECIPE_KEYS
+    if unknown:
+        raise ValueError(f"recipe {path}: unknown key(s) {sorted(unknown)}; allowed: {sorted(RECIPE_KEYS)}")
+    unknown = set(recipe.get("data") or {}) - DATA_KEYS
+    if unknown:
+        raise ValueError(f"recipe {path}: unknown data key(s) {sorted(unknown)}; allowed: {sorted(DATA_KEYS)}")
+    return recipe
+
+
+def apply_override(recipe: dict[str, Any], item: str) -> None:
+    """Apply one ``dotted.key=value`` override in place (value parsed as YAML)."""
+    if "=" not in item:
+        raise ValueError(f"override {item!r} must look like key.sub=value")
+    key, value = item.split("=", 1)
+    node = recipe
+    parts = key.split(".")
+    for part in parts[:-1]:
+        if node.get(part) is None:
+            node[part] = {}
+        node = node[part]
+        if not isinstance(node, dict):
+            raise ValueError(f"override {item!r}: {part!r} is not a mapping")
+    node[parts[-1]] = yaml.safe_load(value)
+
+
+def git_commit() -> str:
+    """Current commit of the project checkout (``+dirty`` when there are uncommitted changes)."""
+    root = Path(__file__).resolve().parents[2]
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True
+        ).stdout.strip()
+        return sha + ("+dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def _device_name() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    return f"cpu ({os.cpu_count()} cores, torch threads {torch.get_num_threads()})"
+
+
+def run_recipe(recipe: dict[str, Any], results_root: str | os.PathLike = "results") -> dict[str, Any]:
+    """Run a recipe end to end; return the metrics written to ``<output_dir>/metrics.json``."""
+    from transformers import DataCollatorForTokenClassification, Trainer, TrainingArguments
+
+    from prune_trainer.callbacks import SparsityLoggingCallback, make_pruning_callback
+    from prune_trainer.config import PruningConfig
+    from prune_trainer.data import (
+        load_conll_splits,
+        make_compute_metrics,
+        preprocess_logits_for_metrics,
+        tokenize_and_align,
+    )
+    from prune_trainer.export import export_pruned_model
+    from prune_trainer.models import load_model_and_tokenizer
+
+    start = time.time()
+    recipe = copy.deepcopy(recipe)
+    name = recipe["name"]
+    out_dir = Path(recipe.get("output_dir") or Path(results_root) / name)
+    data_cfg = recipe.get("data") or {}
+    training = {**DEFAULT_TRAINING, **(recipe.get("training") or {})}
+    pruning_cfg = PruningConfig.from_dict(recipe["pruning"]) if recipe.get("pruning") else None
+
+    # Everything that can be checked before training is checked before anything is written.
+    splits = load_conll_splits(data_cfg.get("data_dir"), data_cfg.get("hub_dataset", "eriktks/conll2003"))
+    model_src = recipe.get("init_from") or recipe.get("model")
+    model, tokenizer = load_model_and_tokenizer(model_src)
+    max_length = int(data_cfg.get("max_length", 128))
+    train_ds = tokenize_and_align(splits["train"], tokenizer, max_length, data_cfg.get("max_train_samples"))
+    eval_sets = {
+        split: tokenize_and_align(splits[split], tokenizer, max_length, data_cfg.get("max_eval_samples"))
+        for split in ("validation", "test")
+        if split in splits
+    }
+    callbacks = []
+    pruner = None
+    if pruning_cfg is not None:
+        check_sparsity(pruning_cfg.schedule.final_sparsity, "final_sparsity")
+        pruner = make_pruning_callback(model, pruning_cfg)
+        callbacks += [pruner, SparsityLoggingCallback(model)]
+
+    if "wandb" in str(training.get("report_to")):
+        os.environ.setdefault("WANDB_MODE", "offline" if not os.environ.get("WANDB_API_KEY") else "online")
+        os.environ.setdefault("WANDB_DIR", str(out_dir))
+        os.environ.setdefault("WANDB_PROJECT", "prune_trainer")
+        training.setdefault("run_name", name)
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_dir = out_dir / "checkpoints"
+    args = TrainingArguments(output_dir=str(ckpt_dir), **training)
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=train_ds,
+        eval_dataset=eval_sets["validation"],
+        data_collator=DataCollatorForTokenClassification(tokenizer),
+        processing_class=tokenizer,
+        compute_metrics=make_compute_metrics(),
+        preprocess_logits_for_metrics=preprocess_logits_for_metrics,
+        callbacks=callbacks,
+    )
+    has_ckpt = ckpt_dir.is_dir() and any(p.name.startswith("checkpoint-") for p in ckpt_dir.iterdir())
+    train_out = trainer.train(resume_from_checkpoint=True if has_ckpt else None)
+
+    metrics: dict[str, Any] = {"name": name}
+    for split, ds in eval_sets.items():
+        prefix = "eval" if split == "validation" else "test"
+        res = trainer.evaluate(ds, metric_key_prefix=prefix)
+        metrics.update({k: v for k, v in res.items() if k.startswith(prefix + "_")})
+
+    report = export_pruned_model(
+        model,
+        out_dir / "model",
+        tokenizer,
+        method=pruning_cfg.method if pruning_cfg else "dense",
+        pattern=pruning_cfg.schedule.pattern if pruning_cfg else "unstructured",
+        config=recipe,
+    )
+    wall = time.time() - start
+    metrics.update(
+        {
+            "sparsity": report["global_sparsity"],
+            "sparsity_per_layer": report["per_layer"],
+            "train_loss": train_out.training_loss,
+            "train_steps": trainer.state.global_step,
+            "wall_time_s": round(wall, 1),
+            "git_commit": git_commit(),
+            "device": _device_name(),
+            "command": " ".join(sys.argv),
+            "config": {**recipe, "training": training},
+            "log_history": trainer.state.log_history,
+        }
+    )
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
+    (out_dir / "config.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
+    (out_dir / "README.md").write_text(results_markdown(metrics))
+    return metrics
+
+
+def results_markdown(metrics: dict[str, Any]) -> str:
+    """A short Markdown summary of one run."""
+    lines = [
+        f"# {metrics['name']}",
+        "",
+        "| metric | value |",
+        "|---|---|",
+    ]
+    for key in ("eval_f1", "eval_precision", "eval_recall", "test_f1", "sparsity", "train_steps", "wall_time_s"):
+        if key in metrics:
+            value = metrics[key]
+            lines.append(f"| {key} | {value:.4f} |" if isinstance(value, float) else f"| {key} | {value} |")
+    lines += [
+        "",
+        f"- command: `{metrics['command']}`",
+        f"- git commit: `{metrics['git_commit']}`",
+        f"- device: {metrics['device']}",
+        "",
+    ]
+    return "\n".join(lines)
