@@ -44,7 +44,49 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--output-dir", help="where results go (default: <results-dir>/<name>)")
     run.add_argument("--results-dir", default="results", help="root of results (default: results)")
     run.set_defaults(func=_run)
+    _add_oneshot_parser(sub)
     return parser
+
+
+def _oneshot(args: argparse.Namespace) -> int:
+    import json
+
+    import torch
+
+    from prune_trainer.oneshot.runner import OneShotConfig, run_oneshot
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = OneShotConfig(
+        model=args.model, method=args.method, sparsity=args.sparsity, pattern=args.pattern, owl=args.owl,
+        owl_m=args.owl_m, owl_lambda=args.owl_lambda, calib_samples=args.calib_samples, seed=args.seed,
+        pruned_inputs=not args.dense_inputs, data_dir=args.data_dir, evaluate=not args.no_eval,
+        output_dir=args.output_dir or f"results/oneshot/{args.method}_{args.pattern.replace(':', 'of')}"
+        f"_{args.sparsity}{'_owl' if args.owl else ''}_n{args.calib_samples}",
+    )
+    res = run_oneshot(cfg)
+    summary = {k: res.get(k) for k in ("eval_f1", "sparsity", "prune_time_s", "solve_time_s")}
+    print(json.dumps({"output_dir": cfg.output_dir, **summary}))
+    return 0
+
+
+def _add_oneshot_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("oneshot", help="one-shot prune a fine-tuned model from calibration data, evaluate, export")
+    p.add_argument("--model", required=True, help="fine-tuned model directory (or 'embedded')")
+    p.add_argument("--method", default="sparsegpt", help="magnitude | wanda | sparsegpt | obs")
+    p.add_argument("--sparsity", type=float, default=0.5, help="target sparsity (mean over layers with --owl)")
+    p.add_argument("--pattern", default="unstructured", help="'unstructured' or N:M like 2:4")
+    p.add_argument("--owl", action="store_true", help="OWL outlier-weighted layer-wise sparsity")
+    p.add_argument("--owl-m", type=float, default=1.0, help="OWL outlier threshold M (default 1)")
+    p.add_argument("--owl-lambda", type=float, default=None, help="bound layer sparsities to target ± lambda")
+    p.add_argument("--calib-samples", type=int, default=4096, help="calibration sentences from train (default 4096)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the calibration sample")
+    p.add_argument("--dense-inputs", action="store_true", help="feed each block the dense (unpruned) outputs")
+    p.add_argument("--data-dir", help="CoNLL-2003 directory (default: $PRUNE_TRAINER_CONLL_DIR, else the hub)")
+    p.add_argument("--output-dir", help="where model/ and results.json go (default: results/oneshot/<setting>)")
+    p.add_argument("--no-eval", action="store_true", help="skip the validation F1")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
+    p.set_defaults(func=_oneshot)
 
 
 def main(argv: list[str] | None = None) -> int:

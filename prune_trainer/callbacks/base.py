@@ -24,7 +24,7 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 from prune_trainer.config import PruningConfig
 from prune_trainer.masking.inject import inject_masked_layers
 from prune_trainer.masking.masked_linear import MaskedLinear
-from prune_trainer.masking.selection import select_masks
+from prune_trainer.masking.selection import check_nm, parse_pattern, select_masks
 from prune_trainer.masking.sparsity import mask_sparsity
 from prune_trainer.schedules.schedule import PruningSchedule
 
@@ -56,6 +56,10 @@ class PruningCallback(TrainerCallback):
             model, config.targets, config.exclude, mask_in_forward=self.mask_in_forward
         )
         self.schedule: PruningSchedule = config.schedule
+        nm = parse_pattern(config.schedule.pattern)
+        if nm is not None:
+            for name, layer in self.layers.items():
+                check_nm(*nm, layer.in_features, name)
         self.last_pruned_step = -1
         self.current_target = 0.0
 

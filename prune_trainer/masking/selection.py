@@ -89,6 +89,11 @@ def parse_pattern(pattern: str | None) -> tuple[int, int] | None:
     """Parse ``"unstructured"``/None → None, ``"2:4"`` → (2, 4); anything else is an error."""
     if pattern is None or pattern == "unstructured":
         return None
+    if isinstance(pattern, int):
+        raise ValueError(
+            f"pattern {pattern!r} is an integer: YAML reads an unquoted N:M like 2:4 as a base-60 number; "
+            "quote it: pattern: '2:4'"
+        )
     try:
         n_str, m_str = pattern.split(":")
         n, m = int(n_str), int(m_str)

@@ -20,7 +20,9 @@ import yaml
 
 from prune_trainer.masking.selection import check_sparsity
 
-RECIPE_KEYS = {"name", "model", "init_from", "data", "training", "pruning", "output_dir", "description"}
+RECIPE_KEYS = {
+    "name", "model", "init_from", "data", "training", "pruning", "output_dir", "description", "distillation",
+}
 DATA_KEYS = {"data_dir", "hub_dataset", "max_length", "max_train_samples", "max_eval_samples"}
 
 DEFAULT_TRAINING: dict[str, Any] = {
@@ -73,7 +75,10 @@ def apply_override(recipe: dict[str, Any], item: str) -> None:
         node = node[part]
         if not isinstance(node, dict):
             raise ValueError(f"override {item!r}: {part!r} is not a mapping")
-    node[parts[-1]] = yaml.safe_load(value)
+    parsed = yaml.safe_load(value)
+    if isinstance(parsed, int) and ":" in value:  # YAML 1.1 reads "2:4" as a base-60 integer
+        parsed = value
+    node[parts[-1]] = parsed
 
 
 def git_commit() -> str:
@@ -139,6 +144,10 @@ def run_recipe(recipe: dict[str, Any], results_root: str | os.PathLike = "result
         check_sparsity(pruning_cfg.schedule.final_sparsity, "final_sparsity")
         pruner = make_pruning_callback(model, pruning_cfg)
         callbacks += [pruner, SparsityLoggingCallback(model)]
+    if recipe.get("distillation"):  # {teacher: <path> | "init_from", alpha, temperature}
+        from prune_trainer.callbacks.distillation import make_distillation_callback
+
+        callbacks.append(make_distillation_callback(model, recipe["distillation"], recipe.get("init_from")))
 
     if "wandb" in str(training.get("report_to")):
         os.environ.setdefault("WANDB_MODE", "offline" if not os.environ.get("WANDB_API_KEY") else "online")

@@ -89,6 +89,8 @@ class PruningSchedule:
             return sf
         # Only whole pruning intervals count, as in Zhu & Gupta: t = t0 + nΔt.
         t = t0 + ((step - t0) // self.frequency) * self.frequency
+        if t == t0:
+            return si
         progress = (t - t0) / (t1 - t0)
         power = 3 if self.kind == "cubic" else 1
         return sf + (si - sf) * (1.0 - progress) ** power

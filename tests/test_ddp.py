@@ -1,0 +1,34 @@
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_torchrun(script: Path, out: Path, nproc: int = 2) -> None:
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
+        f"--master_port={_free_port()}", str(script), str(out),
+    ]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+
+def test_magnitude_masks_identical_on_every_rank(tmp_path):
+    run_torchrun(Path(__file__).parent / "ddp_worker.py", tmp_path)
+    r0 = torch.load(tmp_path / "rank0.pt")
+    r1 = torch.load(tmp_path / "rank1.pt")
+    assert r0["world_size"] == 2
+    for name in r0["masks"]:
+        assert torch.equal(r0["masks"][name], r1["masks"][name]), name
+        torch.testing.assert_close(r0["weights"][name], r1["weights"][name])
+    kept = sum(int(m.sum()) for m in r0["masks"].values())
+    total = sum(m.numel() for m in r0["masks"].values())
+    assert abs((1 - kept / total) - 0.7) < 1e-3

@@ -1,0 +1,83 @@
+import json
+import os
+
+import pytest
+import yaml
+from helpers import tiny_bert, tiny_tokenizer
+
+from prune_trainer.cli import main
+from prune_trainer.recipes.runner import load_recipe
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path):
+    path = tmp_path / "tiny-model"
+    tiny_bert().save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+def _recipe(tmp_path, **pruning):
+    recipe = {
+        "name": "tiny_magnitude",
+        "data": {"max_length": 32},
+        "training": {"max_steps": 12, "per_device_train_batch_size": 8, "learning_rate": 5e-3, "logging_steps": 4,
+                     "eval_strategy": "no", "save_steps": 6, "use_cpu": True, "disable_tqdm": True},
+        "pruning": {"method": "magnitude", "schedule": {"final_sparsity": 0.5, "end_step": 0.5, "frequency": 2,
+                                                        **pruning}},
+    }
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def test_shipped_recipes_parse():
+    for name in ("dense", "magnitude_90"):
+        recipe = load_recipe(os.path.join(ROOT, "recipes", f"{name}.yaml"))
+        assert recipe["name"] == name
+
+
+def test_cli_run_writes_results(tmp_path, tiny_model_dir, conll_dir, capsys):
+    path = _recipe(tmp_path)
+    rc = main(["run", str(path), "--model", str(tiny_model_dir), "--data-dir", str(conll_dir),
+               "--results-dir", str(tmp_path / "results")])
+    assert rc == 0
+    out_dir = tmp_path / "results" / "tiny_magnitude"
+    metrics = json.loads((out_dir / "metrics.json").read_text())
+    for key in ("eval_f1", "sparsity", "wall_time_s", "git_commit", "config", "device"):
+        assert key in metrics
+    assert abs(metrics["sparsity"] - 0.5) < 1e-3
+    assert (out_dir / "model" / "sparsity.json").is_file()
+    assert (out_dir / "README.md").read_text().startswith("# tiny_magnitude")
+    printed = capsys.readouterr().out
+    assert "eval_f1=" in printed and "sparsity=0.5000" in printed
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--set", "pruning.schedule.final_sparsity=1.2"], "final_sparsity must be a number in [0, 1), got 1.2"),
+        (["--set", "pruning.method=lottery"], "unknown pruning method 'lottery'"),
+        (["--set", "pruning.targets=[nothing_matches]"], "match no nn.Linear"),
+        (["--set", "pruning.schedule.pattern=2:5"], "does not divide"),
+        (["--data-dir", "/nonexistent/conll"], "'/nonexistent/conll' does not exist"),
+    ],
+)
+def test_bad_input_is_a_clear_error_and_writes_nothing(tmp_path, tiny_model_dir, conll_dir, capsys, args, message):
+    path = _recipe(tmp_path)
+    argv = ["run", str(path), "--model", str(tiny_model_dir), "--results-dir", str(tmp_path / "results")]
+    if "--data-dir" not in args:
+        argv += ["--data-dir", str(conll_dir)]
+    rc = main(argv + args)
+    assert rc == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "results").exists()
+
+
+def test_unknown_recipe_key_is_an_error(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("name: x\ntrainig: {}\n")
+    with pytest.raises(ValueError, match="unknown key"):
+        load_recipe(path)
