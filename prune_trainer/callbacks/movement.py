@@ -1,0 +1,414 @@
+"""`MovementPruningCallback`: hard and soft movement pruning with a plain `Trainer`.
+
+Math in `prune_trainer.methods.movement` (Sanh et al. 2020). What the callback arranges:
+
+- **Layers**: the target Linears become `MovementLinear` (``y = x (W ⊙ STE(S, M))ᵀ + b``) with score
+  Parameters ``S`` (constant ``score_init``). Masks ``M(S)`` are recomputed from the scores after
+  every optimizer step (and at train begin), so every forward, eval included, uses the mask of the
+  current scores. Pruned weights are not zeroed during training (a weight can come back).
+- **Schedule** (`PruningSchedule`, independent of the LR warm-up): before ``start_step`` (initial
+  warm-up) nothing is pruned but the scores already train; from ``start_step`` to ``end_step`` the
+  target follows the cubic schedule; after ``end_step`` (final warm-up) it stays at the final value.
+  Hard: keep the top ``(1 - s_t)`` scores. Soft: the sigmoid threshold and the penalty weight ramp
+  with the schedule's progress ``p_t = (s_t - s_i) / (s_f - s_i)``: ``τ_t = p_t τ_f``,
+  ``λ_t = p_t λ_f`` (as the reference's ``regu_lambda = final_lambda · threshold / final_threshold``).
+- **Loss**: soft adds ``λ_t · mean_l mean(σ(S_l))`` to ``outputs.loss`` through a forward hook on the
+  model, in training mode only (the Trainer backpropagates ``outputs.loss``; no Trainer subclass).
+- **Optimizer**: the scores get their own parameter group (``lr = score_lr``, ``weight_decay = 0``)
+  in the optimizer the Trainer built. The scores are frozen (``requires_grad=False``) until
+  ``on_train_begin``, so the Trainer's own groups never contain them; ``on_train_begin`` then adds the
+  group, and appends ``score_lr`` / group 0's multiplier to the Trainer's ``LambdaLR`` (``base_lrs``,
+  ``lr_lambdas``), so the Trainer's warm-up and decay apply to the scores: ``lr_S(t) = score_lr · λ(t)``.
+  Resume: the optimizer's ``state_dict`` (what the Trainer saves) leaves the score group out, so
+  ``optimizer.pt`` matches the layout the Trainer builds and loads before ``on_train_begin``; the
+  score group's Adam state is saved next to it (``movement_optimizer.pt``) and restored here.
+- **End**: ``on_train_end`` freezes the masks (pruned weights zeroed) and drops the scores; the model
+  then exports (`export_pruned_model`) as a plain BERT with zeros.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import TrainerControl, TrainerState, TrainingArguments
+
+from prune_trainer.callbacks.base import PruningCallback
+from prune_trainer.config import PruningConfig
+from prune_trainer.masking.inject import find_target_linears, masked_layers
+from prune_trainer.methods.movement import (
+    MovementLinear,
+    hard_movement_masks,
+    sigmoid_l1_penalty,
+    soft_movement_masks,
+)
+
+SCORE_OPTIMIZER_FILE = "movement_optimizer.pt"
+SCORE_GROUP_KEY = "prune_trainer_movement_scores"
+VARIANTS = ("hard", "soft")
+DEFAULTS: dict[str, Any] = {
+    "variant": "hard",
+    "score_lr": 1e-2,
+    "score_init": 0.0,
+    "final_threshold": 0.1,
+    "final_lambda": 0.0,
+}
+
+
+def unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer:
+    """The innermost `torch.optim.Optimizer` (accelerate's ``AcceleratedOptimizer`` wraps one)."""
+    while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
+        optimizer = optimizer.optimizer
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"expected a torch optimizer, got {type(optimizer).__name__}")
+    return optimizer
+
+
+def _convert_to_movement(model: nn.Module, config: PruningConfig) -> dict[str, MovementLinear]:
+    """Make the target layers `MovementLinear` (new wrappers, or existing `MaskedLinear` re-classed)."""
+    existing = masked_layers(model)
+    if existing:
+        for layer in existing.values():
+            if not isinstance(layer, MovementLinear):
+                layer.__class__ = MovementLinear  # same state; only `forward` differs
+            layer.mask_in_forward = True
+        return existing  # type: ignore[return-value]
+    layers = {}
+    for name in find_target_linears(model, config.targets, config.exclude):
+        linear = model.get_submodule(name)
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        layers[name] = MovementLinear.from_linear(linear, mask_in_forward=True)
+        setattr(parent, child, layers[name])
+    return layers
+
+
+class MovementPruningCallback(PruningCallback):
+    """Hard or soft movement pruning as a Trainer callback.
+
+    Args:
+        model: the model given to `Trainer` (its target Linears are wrapped here).
+        config: `PruningConfig`; ``method_kwargs`` may hold the options below.
+        variant: ``"hard"`` (top-k of scores, exact scheduled sparsity) or ``"soft"`` (threshold +
+            penalty; the reached sparsity is set by ``final_lambda`` and logged).
+        score_lr: learning rate of the scores (default 1e-2); their weight decay is 0.
+        score_init: constant initial score.
+        final_threshold: soft only, final sigmoid threshold ``τ_f`` (``σ(S) > τ`` keeps a weight).
+        final_lambda: soft only, final penalty weight ``λ_f``.
+        **schedule_overrides: `PruningSchedule` fields, e.g. ``final_sparsity=0.9, end_step=0.7``.
+
+    Example::
+
+        cb = MovementPruningCallback(model, variant="hard", final_sparsity=0.9, start_step=0.1,
+                                     end_step=0.7, frequency=1, scope="layer")
+        Trainer(model=model, args=args, ..., callbacks=[cb, SparsityLoggingCallback(model)]).train()
+    """
+
+    method_name = "movement"
+    mask_in_forward = True
+    monotone = False
+
+    def __init__(
+        self,
+        model: nn.Module,
+        config: PruningConfig | None = None,
+        *,
+        variant: str | None = None,
+        score_lr: float | None = None,
+        score_init: float | None = None,
+        final_threshold: float | None = None,
+        final_lambda: float | None = None,
+        **schedule_overrides: Any,
+    ) -> None:
+        config = config or PruningConfig(method=self.method_name)
+        unknown = set(config.method_kwargs) - set(DEFAULTS)
+        if unknown:
+            raise ValueError(f"unknown movement method_kwargs {sorted(unknown)}; allowed: {sorted(DEFAULTS)}")
+        explicit = dict(
+            variant=variant, score_lr=score_lr, score_init=score_init,
+            final_threshold=final_threshold, final_lambda=final_lambda,
+        )
+        opts = {**DEFAULTS, **config.method_kwargs, **{k: v for k, v in explicit.items() if v is not None}}
+        if opts["variant"] not in VARIANTS:
+            raise ValueError(f"movement variant must be one of {VARIANTS}, got {opts['variant']!r}")
+        if not float(opts["score_lr"]) > 0:
+            raise ValueError(f"score_lr must be > 0, got {opts['score_lr']!r}")
+        if not 0.0 < float(opts["final_threshold"]) < 1.0:
+            raise ValueError(f"final_threshold (a sigmoid value) must be in (0, 1), got {opts['final_threshold']!r}")
+        if float(opts["final_lambda"]) < 0:
+            raise ValueError(f"final_lambda must be ≥ 0, got {opts['final_lambda']!r}")
+        config.method_kwargs = opts
+        self.variant: str = opts["variant"]
+        self.score_lr = float(opts["score_lr"])
+        self.final_threshold = float(opts["final_threshold"])
+        self.final_lambda = float(opts["final_lambda"])
+        _convert_to_movement(model, config)
+        super().__init__(model, config, **schedule_overrides)
+        if self.schedule.pattern not in ("unstructured", None):
+            raise ValueError(f"movement pruning is unstructured; got pattern {self.schedule.pattern!r}")
+        for layer in self.layers.values():
+            # Frozen until on_train_begin so that the Trainer's own param groups never hold them.
+            layer.attach_scores(float(opts["score_init"]), requires_grad=False)
+        self.current_threshold = 0.0
+        self.current_lambda = 0.0
+        self.last_penalty: float | None = None
+        self.finalized = False
+        self._optimizer: torch.optim.Optimizer | None = None
+        self._hooks: list[Any] = []
+
+    # ---- scores and masks --------------------------------------------------------------------
+    def score_params(self) -> list[nn.Parameter]:
+        """The score Parameters, in layer order (empty once finalized)."""
+        return [layer.mask_scores for layer in self.layers.values() if layer.mask_scores is not None]
+
+    def compute_scores(self, **kwargs: Any) -> dict[str, torch.Tensor]:
+        layers = self.layers.items()
+        return {name: layer.mask_scores.detach() for name, layer in layers if layer.mask_scores is not None}
+
+    def progress(self, step: int) -> float:
+        """Schedule progress ``p_t = (s_t - s_i) / (s_f - s_i)`` in [0, 1] (1 once past the start if s_f = s_i)."""
+        target = self.schedule.target(step)
+        span = self.schedule.final_sparsity - self.schedule.initial_sparsity
+        if span <= 0:
+            return 1.0 if step >= int(self.schedule.start_step) else 0.0
+        return min(1.0, max(0.0, (target - self.schedule.initial_sparsity) / span))
+
+    @torch.no_grad()
+    def update_masks(self, step: int, **kwargs: Any) -> None:
+        """Masks from the current scores for the schedule at ``step`` (weights are not zeroed)."""
+        scores = self.compute_scores()
+        if not scores:
+            return
+        target = self.schedule.target(step)
+        if self.variant == "hard":
+            masks = hard_movement_masks(scores, target, self.schedule.scope, self.config.min_kept_fraction)
+        else:
+            p = self.progress(step)
+            self.current_threshold = p * self.final_threshold
+            self.current_lambda = p * self.final_lambda
+            masks = soft_movement_masks(scores, self.current_threshold, self.config.min_kept_fraction)
+        for name, mask in masks.items():
+            self.layers[name].weight_mask.copy_(mask)
+        self.broadcast_masks(zero_weights=False)
+        self.last_pruned_step = step
+        self.current_target = target
+        self.model._prune_trainer_target = target
+
+    def broadcast_masks(self, zero_weights: bool = True) -> None:
+        """Under torch.distributed, copy rank 0's masks to every rank; weights are kept as they are."""
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return
+        if torch.distributed.get_world_size() <= 1:
+            return
+        for layer in self.layers.values():
+            buf = layer.weight_mask.to(torch.uint8)
+            torch.distributed.broadcast(buf, src=0)
+            layer.weight_mask.copy_(buf.bool())
+            if zero_weights:
+                layer.apply_mask()
+
+    def penalty(self) -> torch.Tensor:
+        """``λ_t · mean_l mean(σ(S_l))`` (soft; 0 for hard or before pruning starts)."""
+        scores = self.score_params()
+        if self.variant != "soft" or self.current_lambda == 0.0 or not scores:
+            return torch.zeros(())
+        return self.current_lambda * sigmoid_l1_penalty(scores)
+
+    @torch.no_grad()
+    def finalize(self) -> None:
+        """Freeze the masks: zero the pruned weights, drop the scores, remove hooks (idempotent)."""
+        for layer in self.layers.values():
+            if isinstance(layer, MovementLinear):
+                layer.freeze()
+            else:
+                layer.apply_mask()
+        self._detach_from_optimizer()
+        self._remove_hooks()
+        self.finalized = True
+
+    # ---- optimizer plumbing ------------------------------------------------------------------
+    def _attach_to_optimizer(self, optimizer: Any) -> torch.optim.Optimizer:
+        """Move the scores (wherever they are) into one group ``{lr: score_lr, weight_decay: 0}``."""
+        opt = unwrap_optimizer(optimizer)
+        scores = self.score_params()
+        ids = {id(p) for p in scores}
+        for group in opt.param_groups:
+            if group.get(SCORE_GROUP_KEY):
+                group["params"] = list(scores)
+                break
+            group["params"] = [p for p in group["params"] if id(p) not in ids]
+        else:
+            opt.add_param_group(
+                {"params": list(scores), "lr": self.score_lr, "weight_decay": 0.0, SCORE_GROUP_KEY: True}
+            )
+        if self._optimizer is not opt:
+            opt.register_state_dict_post_hook(_drop_score_group_from_state_dict)
+            self._optimizer = opt
+        return opt
+
+    def _score_group(self) -> dict[str, Any] | None:
+        if self._optimizer is None:
+            return None
+        return next((g for g in self._optimizer.param_groups if g.get(SCORE_GROUP_KEY)), None)
+
+    def _detach_from_optimizer(self) -> None:
+        group = self._score_group()
+        if group is not None:
+            for p in group["params"]:
+                self._optimizer.state.pop(p, None)
+            group["params"] = []
+
+    def _attach_to_scheduler(self, lr_scheduler: Any) -> None:
+        """Make the Trainer's ``LambdaLR`` drive the score group: ``lr_S(t) = score_lr · λ_0(t)``.
+
+        Appends ``score_lr`` to ``base_lrs`` and group 0's multiplier to ``lr_lambdas`` (wrapped in a
+        plain function, which ``LambdaLR.state_dict`` stores as None, so the saved scheduler state
+        loads into the scheduler the Trainer builds on resume, before this callback runs).
+        """
+        sched = lr_scheduler
+        while not isinstance(sched, torch.optim.lr_scheduler.LRScheduler) and hasattr(sched, "scheduler"):
+            sched = sched.scheduler
+        if not isinstance(sched, torch.optim.lr_scheduler.LambdaLR):
+            raise TypeError(
+                f"movement pruning drives the score LR through the Trainer's LambdaLR; got {type(sched).__name__} "
+                "(use an lr_scheduler_type built on LambdaLR: linear, cosine, constant, ...)"
+            )
+        n_groups = len(self._optimizer.param_groups)
+        base_fn = sched.lr_lambdas[0]
+
+        def score_multiplier(step: int) -> float:
+            return base_fn(step)
+
+        del sched.base_lrs[n_groups:], sched.lr_lambdas[n_groups:]
+        while len(sched.base_lrs) < n_groups:
+            sched.base_lrs.append(self.score_lr)
+        while len(sched.lr_lambdas) < n_groups:
+            sched.lr_lambdas.append(score_multiplier)
+        group = self._score_group()
+        group["initial_lr"] = self.score_lr
+        group["lr"] = self.score_lr * base_fn(sched.last_epoch)
+        sched._last_lr = [g["lr"] for g in self._optimizer.param_groups]
+
+    def _save_score_optimizer(self, ckpt_dir: str) -> None:
+        group = self._score_group()
+        if group is None:
+            return
+        state = [self._optimizer.state.get(p, {}) for p in group["params"]]
+        hyper = {k: v for k, v in group.items() if k != "params"}
+        saved = {"group": hyper, "state": state, "layers": list(self.layers)}
+        torch.save(saved, os.path.join(ckpt_dir, SCORE_OPTIMIZER_FILE))
+
+    def _load_score_optimizer(self, ckpt_dir: str) -> None:
+        path = os.path.join(ckpt_dir, SCORE_OPTIMIZER_FILE)
+        group = self._score_group()
+        if group is None or not os.path.isfile(path):
+            return
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        if saved["layers"] != list(self.layers) or len(saved["state"]) != len(group["params"]):
+            raise ValueError(f"{path} was saved for other layers than this model's movement layers")
+        group.update({k: v for k, v in saved["group"].items() if k != "params"})
+        for p, st in zip(group["params"], saved["state"], strict=True):
+            self._optimizer.state[p] = {
+                k: (v if k == "step" or not torch.is_tensor(v) else v.to(device=p.device, dtype=p.dtype))
+                for k, v in st.items()
+            }
+
+    # ---- loss hook ---------------------------------------------------------------------------
+    def _loss_hook(self, module: nn.Module, args: Any, output: Any) -> Any:
+        if not module.training or self.variant != "soft" or self.current_lambda == 0.0:
+            return None
+        loss = output["loss"] if isinstance(output, dict) else (output[0] if isinstance(output, tuple) else None)
+        if loss is None:
+            return None
+        penalty = self.penalty().to(loss.device)
+        self.last_penalty = float(penalty.detach())
+        if isinstance(output, dict):
+            output["loss"] = loss + penalty
+            return output
+        return (loss + penalty, *output[1:])
+
+    def _remove_hooks(self) -> None:
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
+
+    # ---- Trainer events ----------------------------------------------------------------------
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        if self.finalized:
+            raise RuntimeError("this MovementPruningCallback was finalized (scores dropped); create a new one")
+        super().on_train_begin(args, state, control, **kwargs)
+        for p in self.score_params():
+            p.requires_grad_(True)
+        optimizer = kwargs.get("optimizer")
+        if optimizer is None:
+            raise RuntimeError("MovementPruningCallback needs the Trainer's optimizer at on_train_begin")
+        self._attach_to_optimizer(optimizer)
+        self._attach_to_scheduler(kwargs.get("lr_scheduler"))
+        if state.global_step > 0:
+            self._load_score_optimizer(os.path.join(args.output_dir, f"checkpoint-{state.global_step}"))
+        if not self._hooks:
+            self._hooks.append(self.model.register_forward_hook(self._loss_hook))
+        self.update_masks(state.global_step)
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        pass  # masks are refreshed after every optimizer step (on_step_end) and at train begin
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        pass  # ∂L/∂W is already 0 for masked weights (W ⊙ M in the forward)
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        pass  # pruned weights are not zeroed while scores can still bring them back
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.update_masks(state.global_step)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs is not None and not any(k.startswith("eval_") for k in logs) and self.variant == "soft":
+            logs.update({"movement/threshold": self.current_threshold, "movement/lambda": self.current_lambda})
+            if self.last_penalty is not None:
+                logs["movement/penalty"] = self.last_penalty
+
+    def on_save(self, args, state, control, **kwargs):
+        super().on_save(args, state, control, **kwargs)
+        ckpt = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        if os.path.isdir(ckpt) and state.is_world_process_zero:
+            self._save_score_optimizer(ckpt)
+
+    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        self.update_masks(state.global_step)
+        self.finalize()
+
+    # ---- checkpoint state --------------------------------------------------------------------
+    def method_state(self) -> dict[str, Any]:
+        return {
+            "variant": self.variant,
+            "current_threshold": self.current_threshold,
+            "current_lambda": self.current_lambda,
+        }
+
+    def load_method_state(self, state: dict[str, Any]) -> None:
+        if state.get("variant", self.variant) != self.variant:
+            raise ValueError(f"checkpoint is for movement variant {state['variant']!r}, not {self.variant!r}")
+        self.current_threshold = float(state.get("current_threshold", 0.0))
+        self.current_lambda = float(state.get("current_lambda", 0.0))
+
+
+def _drop_score_group_from_state_dict(optimizer: torch.optim.Optimizer, state_dict: dict[str, Any]) -> dict[str, Any]:
+    """Optimizer ``state_dict`` post-hook: leave out the score group (saved by the callback itself)."""
+    groups = state_dict["param_groups"]
+    drop = [i for i, g in enumerate(groups) if g.get(SCORE_GROUP_KEY)]
+    if not drop:
+        return state_dict
+    dropped_ids = {pid for i in drop for pid in groups[i]["params"]}
+    kept_groups = [g for i, g in enumerate(groups) if i not in drop]
+    # Re-index the remaining params 0..n-1 in group order, as `Optimizer.state_dict` numbers them.
+    remap: dict[int, int] = {}
+    for g in kept_groups:
+        for pid in g["params"]:
+            remap[pid] = len(remap)
+    state_dict["param_groups"] = [{**g, "params": [remap[p] for p in g["params"]]} for g in kept_groups]
+    state_dict["state"] = {remap[k]: v for k, v in state_dict["state"].items() if k not in dropped_ids}
+    return state_dict
+
