@@ -120,6 +120,7 @@ def run_recipe(recipe: dict[str, Any], results_root: str | os.PathLike = "result
     from prune_trainer.models import load_model_and_tokenizer
 
     start = time.time()
+    commit = git_commit()  # the code that runs is the code checked out now
     recipe = copy.deepcopy(recipe)
     name = recipe["name"]
     out_dir = Path(recipe.get("output_dir") or Path(results_root) / name)
@@ -194,7 +195,7 @@ def run_recipe(recipe: dict[str, Any], results_root: str | os.PathLike = "result
             "train_loss": train_out.training_loss,
             "train_steps": trainer.state.global_step,
             "wall_time_s": round(wall, 1),
-            "git_commit": git_commit(),
+            "git_commit": commit,
             "device": _device_name(),
             "command": " ".join(sys.argv),
             "config": {**recipe, "training": training},
