@@ -1,0 +1,197 @@
+"""Cost of one oBERT pruning step on the embedded model, split into its parts, measured side by side.
+
+Prints, for one run on this machine:
+1. gradient collection: seconds per mini-batch gradient of all target layers;
+2. Fisher inverse: Woodbury (rank-1 per gradient) vs direct (Σ GᵀG + batched Cholesky inverse) on the
+   same gradients, layer by layer, with their ratio and their max relative disagreement;
+3. scoring and the OBS update (joint vs summed) for a one-shot step to ``--sparsity``;
+4. the loss on held-out batches after that step with no update / summed / joint update (same masks);
+5. one full `OBERTPruningCallback.prune_step` (the callback's own timing split) and the peak memory.
+
+Usage (small sizes take about a minute or two on 2 CPU cores)::
+
+    PRUNE_TRAINER_CONLL_DIR=/work/shared/data/conll2003 python benchmarks/bench_obert.py \
+        --num-grads 16 --grad-batch-size 8 --block-size 50 --sparsity 0.5
+
+``--model results/dense/model`` scores a fine-tuned model (the loss comparison means more there).
+Without CoNLL data it uses random word sequences (timings only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import random
+import resource
+import sys
+import time
+
+import torch
+from transformers import DataCollatorForTokenClassification
+
+from prune_trainer.callbacks.obert import OBERTPruningCallback
+from prune_trainer.masking.inject import inject_masked_layers
+from prune_trainer.masking.selection import select_masks
+from prune_trainer.methods.obert.fisher import BlockFisherInverse, fisher_inverse_bytes, format_bytes
+from prune_trainer.methods.obert.sampler import GradientSampler, model_loss
+from prune_trainer.methods.obert.update import obs_scores, obs_update
+from prune_trainer.models import load_model_and_tokenizer
+
+
+def peak_rss() -> int:
+    """Peak resident memory of this process so far (bytes; Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def load_data(tokenizer, n: int, max_length: int):
+    from prune_trainer.data import Sentence, load_conll_splits, tokenize_and_align
+
+    try:
+        splits = load_conll_splits()
+        train, valid = splits["train"], splits["validation"]
+        source = "CoNLL-2003"
+    except Exception as err:  # no local data and no hub: random words, for timing only
+        print(f"(no CoNLL data: {err}; using random word sequences)")
+        rng = random.Random(0)
+        vocab = [w for w in tokenizer.get_vocab() if w.isalpha()][:5000]
+        labels = ["O", "B-PER", "I-PER", "B-LOC"]
+
+        def fake(k):
+            out = []
+            for _ in range(k):
+                words = [rng.choice(vocab) for _ in range(rng.randint(8, 30))]
+                out.append(Sentence(words, [rng.choice(labels) for _ in words]))
+            return out
+
+        train, valid, source = fake(n), fake(n), "random"
+    return (
+        tokenize_and_align(train, tokenizer, max_length, n),
+        tokenize_and_align(valid, tokenizer, max_length, n),
+        source,
+    )
+
+
+@torch.no_grad()
+def heldout_loss(model, sampler: GradientSampler, batches: int) -> float:
+    model.eval()
+    device = next(model.parameters()).device
+    losses = [float(model_loss(model, sampler._batch(idx, device))) for idx in sampler.batch_indices(batches, 999)]
+    return sum(losses) / len(losses)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="embedded")
+    p.add_argument("--num-grads", type=int, default=16)
+    p.add_argument("--grad-batch-size", type=int, default=8)
+    p.add_argument("--block-size", type=int, default=50)
+    p.add_argument("--damp", type=float, default=1e-7)
+    p.add_argument("--sparsity", type=float, default=0.5)
+    p.add_argument("--max-layers", type=int, default=None, help="time only the first N target layers")
+    p.add_argument("--samples", type=int, default=2000, help="sentences to draw batches from")
+    p.add_argument("--eval-batches", type=int, default=8)
+    p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--skip-woodbury", action="store_true", help="skip the (slower on CPU) Woodbury timing")
+    p.add_argument("--threads", type=int, default=None)
+    a = p.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model, tok = load_model_and_tokenizer(a.model)
+    model.to(device)
+    layers = inject_masked_layers(model)
+    names = list(layers)[: a.max_layers] if a.max_layers else list(layers)
+    train, valid, source = load_data(tok, a.samples, a.max_length)
+    coll = DataCollatorForTokenClassification(tok)
+    sampler = GradientSampler(train, coll, a.grad_batch_size, seed=0)
+    eval_sampler = GradientSampler(valid, coll, 16, seed=1)
+    d = sum(layers[n].weight.numel() for n in names)
+    fbytes = sum(fisher_inverse_bytes(layers[n].weight.numel(), a.block_size) for n in names)
+    print(f"device: {device} ({torch.get_num_threads()} threads); data: {source}; model: {a.model}")
+    print(f"{len(names)} target layers, d={d:,} weights, B={a.block_size}, m={a.num_grads} gradients of "
+          f"{a.grad_batch_size} sentences; Fisher inverse (float32, all layers) = {format_bytes(fbytes)}")
+
+    # 1. gradient collection (kept in memory for the side-by-side Fisher timings)
+    params = [layers[n].weight for n in names]
+    t = time.perf_counter()
+    grads = [[] for _ in names]
+    for gs in sampler.sample(model, params, a.num_grads, round_key=0):
+        for buf, g in zip(grads, gs, strict=True):
+            buf.append(g)
+    t_collect = time.perf_counter() - t
+    grads = [torch.stack(g) for g in grads]
+    print(f"\n[collect] {t_collect:.2f} s for {a.num_grads} gradients = {t_collect / a.num_grads:.3f} s/gradient")
+
+    # 2. Fisher inverse: Woodbury vs direct, same gradients, one layer at a time (peak = one layer's blocks)
+    times = {"woodbury": 0.0, "direct": 0.0}
+    worst = 0.0
+    finvs: dict[str, BlockFisherInverse] = {}
+    for i, n in enumerate(names):
+        built = {}
+        for form in ("direct", "woodbury"):
+            if form == "woodbury" and a.skip_woodbury:
+                continue
+            t = time.perf_counter()
+            f = BlockFisherInverse(layers[n].weight.numel(), a.block_size, a.num_grads, a.damp, form, device=device)
+            f.add_grads(grads[i])
+            f.finalize()
+            times[form] += time.perf_counter() - t
+            built[form] = f
+        if "woodbury" in built:
+            ref, other = built["direct"].blocks, built["woodbury"].blocks
+            worst = max(worst, float((other - ref).abs().max() / ref.abs().max()))
+        finvs[n] = built["direct"]
+    print(f"[fisher] direct {times['direct']:.2f} s" + (
+        "" if a.skip_woodbury else
+        f" | woodbury {times['woodbury']:.2f} s | woodbury/direct = {times['woodbury'] / times['direct']:.2f}x"
+        f" | max |ΔF⁻¹|/max|F⁻¹| = {worst:.2e}"))
+    del grads
+
+    # 3. scores, masks, updates (same masks for every update mode)
+    t = time.perf_counter()
+    scores = {n: obs_scores(layers[n].weight, finvs[n]) for n in names}
+    masks = select_masks(scores, a.sparsity, "global")
+    t_score = time.perf_counter() - t
+    new_w, t_upd = {}, {}
+    for mode in ("none", "summed", "joint"):
+        t = time.perf_counter()
+        new_w[mode] = {n: obs_update(layers[n].weight, ~masks[n], finvs[n], mode) for n in names}
+        t_upd[mode] = time.perf_counter() - t
+    print(f"[score] {t_score:.2f} s | [update] summed {t_upd['summed']:.2f} s, joint {t_upd['joint']:.2f} s "
+          f"(joint/summed = {t_upd['joint'] / max(t_upd['summed'], 1e-9):.2f}x)")
+
+    # 4. held-out loss after the one-shot step, per update mode
+    base = heldout_loss(model, eval_sampler, a.eval_batches)
+    line = [f"dense {base:.4f}"]
+    for mode, ws in new_w.items():
+        m = copy.deepcopy(model)
+        ml = {k: v for k, v in m.named_modules() if k in ws}
+        with torch.no_grad():
+            for n, w in ws.items():
+                ml[n].weight.copy_(w)
+        line.append(f"{mode} {heldout_loss(m, eval_sampler, a.eval_batches):.4f}")
+        del m
+    print(f"[loss @ {a.sparsity:.0%} one-shot, {a.eval_batches} held-out batches] " + " | ".join(line))
+    del finvs, new_w
+
+    # 5. one full callback step (collect → Fisher → score → joint update), all target layers at once
+    cb = OBERTPruningCallback(
+        model, num_grads=a.num_grads, block_size=a.block_size, damp=a.damp, grad_batch_size=a.grad_batch_size,
+        sampler=sampler, verbose=True,
+    )
+    if a.max_layers:
+        cb.layers = {n: cb.layers[n] for n in names}
+    t = time.perf_counter()
+    cb.prune_step(a.sparsity)
+    total = time.perf_counter() - t
+    s = cb.stats[-1]
+    print(f"[prune_step] total {total:.2f} s: collect {s['collect_s']:.2f} | fisher {s['fisher_s']:.2f} | "
+          f"score {s['score_s']:.2f} | update {s['update_s']:.2f}")
+    if device.type == "cuda":
+        print(f"[memory] peak GPU allocated {format_bytes(torch.cuda.max_memory_allocated())}")
+    print(f"[memory] peak RSS of this process {format_bytes(peak_rss())}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
