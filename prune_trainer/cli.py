@@ -45,7 +45,18 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--results-dir", default="results", help="root of results (default: results)")
     run.set_defaults(func=_run)
     _add_oneshot_parser(sub)
+
+    report = sub.add_parser("report", help="write <results>/README.md and plots from the runs' metrics.json")
+    report.add_argument("results_dir", nargs="?", default="results")
+    report.set_defaults(func=_report)
     return parser
+
+
+def _report(args: argparse.Namespace) -> int:
+    from prune_trainer.reporting.report import write_report
+
+    print(f"wrote {write_report(args.results_dir)}")
+    return 0
 
 
 def _oneshot(args: argparse.Namespace) -> int:

@@ -6,10 +6,16 @@ from torch import nn
 
 from prune_trainer.callbacks.base import PruningCallback
 from prune_trainer.callbacks.magnitude import MagnitudePruningCallback
+from prune_trainer.callbacks.movement import MovementPruningCallback
+from prune_trainer.callbacks.nm import NMSparsityCallback
+from prune_trainer.callbacks.obert import OBERTPruningCallback
 from prune_trainer.config import PruningConfig
 
 PRUNING_CALLBACKS: dict[str, type[PruningCallback]] = {
     "magnitude": MagnitudePruningCallback,
+    "movement": MovementPruningCallback,
+    "nm": NMSparsityCallback,
+    "obert": OBERTPruningCallback,
 }
 
 

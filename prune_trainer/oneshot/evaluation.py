@@ -1,0 +1,44 @@
+"""Plain evaluation loop: entity-level F1 of a token-classification model on CoNLL sentences."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from transformers import DataCollatorForTokenClassification
+
+from prune_trainer.data import entity_scores, tokenize_and_align
+from prune_trainer.data.conll import CONLL_LABELS, Sentence
+from prune_trainer.data.tokenize import IGNORE_INDEX
+
+
+@torch.no_grad()
+def evaluate_f1(
+    model: nn.Module,
+    tokenizer: Any,
+    sentences: list[Sentence],
+    batch_size: int = 64,
+    max_length: int = 128,
+    labels: tuple[str, ...] = CONLL_LABELS,
+) -> dict[str, float]:
+    """``precision``/``recall``/``f1``/``accuracy`` (seqeval, as `make_compute_metrics`) over all
+    ``sentences``; batches are formed from length-sorted sentences to cut padding."""
+    if not sentences:
+        raise ValueError("evaluate_f1 got no sentences")
+    ds = tokenize_and_align(sentences, tokenizer, max_length, labels=labels)
+    order = np.argsort([len(ids) for ids in ds["input_ids"]], kind="stable")
+    collator = DataCollatorForTokenClassification(tokenizer)
+    model.eval()
+    true_tags: list[list[str]] = []
+    pred_tags: list[list[str]] = []
+    for i in range(0, len(order), batch_size):
+        batch = collator([ds[int(j)] for j in order[i : i + batch_size]])
+        label_ids = batch.pop("labels")
+        pred = model(**batch).logits.argmax(-1)
+        for p_row, l_row in zip(pred.tolist(), label_ids.tolist(), strict=True):
+            keep = [k for k, lab in enumerate(l_row) if lab != IGNORE_INDEX]
+            true_tags.append([labels[l_row[k]] for k in keep])
+            pred_tags.append([labels[p_row[k]] for k in keep])
+    return entity_scores(true_tags, pred_tags)

@@ -1,0 +1,122 @@
+"""The one-shot job: load a fine-tuned model → (OWL allocation) → sequential calibration + pruning →
+validation F1 → export (`export_pruned_model`) + ``results.json``."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from prune_trainer.data.conll import Sentence, load_conll_splits
+from prune_trainer.masking.inject import DEFAULT_EXCLUDE, DEFAULT_TARGETS, find_target_linears
+from prune_trainer.masking.selection import check_sparsity, parse_pattern
+from prune_trainer.oneshot.calibration import calibration_batches, prune_sequential, wanda_outlier_ratios
+from prune_trainer.oneshot.evaluation import evaluate_f1
+from prune_trainer.oneshot.owl import owl_sparsities
+from prune_trainer.oneshot.registry import get_method
+
+RESULTS_FILE = "results.json"
+
+
+@dataclass
+class OneShotConfig:
+    model: str
+    method: str = "sparsegpt"
+    sparsity: float = 0.5
+    pattern: str = "unstructured"
+    owl: bool = False
+    owl_m: float = 1.0
+    owl_lambda: float | None = None
+    calib_samples: int = 4096
+    calib_batch_size: int = 32
+    seed: int = 0
+    pruned_inputs: bool = True
+    max_length: int = 128
+    eval_batch_size: int = 64
+    data_dir: str | None = None
+    output_dir: str | None = None
+    export: bool = True
+    evaluate: bool = True
+    method_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        get_method(self.method)
+        nm = parse_pattern(self.pattern)
+        if nm is None:
+            check_sparsity(self.sparsity)
+        if self.owl and nm is not None:
+            raise ValueError(f"OWL allocates unstructured sparsity; cannot combine it with pattern {self.pattern!r}")
+        if self.calib_samples <= 0:
+            raise ValueError(f"calib_samples must be positive, got {self.calib_samples}")
+
+
+def run_oneshot(
+    cfg: OneShotConfig,
+    splits: dict[str, list[Sentence]] | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Run one configuration; return (and write to ``<output_dir>/results.json``) its results."""
+    from prune_trainer.export import export_pruned_model
+    from prune_trainer.models import load_model_and_tokenizer
+
+    cfg.validate()
+    method = get_method(cfg.method)
+    nm = parse_pattern(cfg.pattern)
+    prunen, prunem = nm if nm else (0, 0)
+    splits = splits if splits is not None else load_conll_splits(cfg.data_dir)
+    model, tokenizer = load_model_and_tokenizer(cfg.model)
+    model.eval()
+    batches = calibration_batches(
+        splits["train"], tokenizer, cfg.calib_samples, cfg.calib_batch_size, cfg.max_length, cfg.seed
+    )
+    start = time.perf_counter()
+    sparsity: float | dict[str, float] = cfg.sparsity if nm is None else 1.0 - prunen / prunem
+    owl_info = None
+    if cfg.owl:
+        ratios = wanda_outlier_ratios(model, batches, cfg.owl_m)
+        sizes = {n: model.get_submodule(n).weight.numel() for n in find_target_linears(model)}
+        sparsity = owl_sparsities(ratios, sizes, cfg.sparsity, cfg.owl_lambda)
+        owl_info = {"outlier_ratios": ratios, "layer_sparsity": sparsity}
+    report = prune_sequential(
+        model, batches, method, sparsity, prunen, prunem, cfg.pruned_inputs,
+        DEFAULT_TARGETS, DEFAULT_EXCLUDE, progress, **cfg.method_kwargs,
+    )
+    prune_time = time.perf_counter() - start
+    results: dict[str, Any] = {
+        "config": asdict(cfg),
+        "prune_time_s": round(prune_time, 2),
+        "solve_time_s": round(report.solve_time_s, 2),
+        "calib_tokens": report.n_tokens,
+        "torch_threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "owl": owl_info,
+    }
+    if cfg.evaluate:
+        t0 = time.perf_counter()
+        scores = evaluate_f1(model, tokenizer, splits["validation"], cfg.eval_batch_size, cfg.max_length)
+        results.update({f"eval_{k}": v for k, v in scores.items()})
+        results["eval_time_s"] = round(time.perf_counter() - t0, 1)
+        results["eval_sentences"] = len(splits["validation"])
+    if cfg.output_dir:
+        out = Path(cfg.output_dir)
+        if cfg.export:
+            sp = export_pruned_model(model, out / "model", tokenizer, method=cfg.method, pattern=cfg.pattern,
+                                     config=asdict(cfg))
+            results["sparsity"] = sp["global_sparsity"]
+            results["sparsity_per_layer"] = sp["per_layer"]
+        out.mkdir(parents=True, exist_ok=True)
+        (out / RESULTS_FILE).write_text(json.dumps(results, indent=2))
+    if "sparsity" not in results:
+        results["sparsity"] = _measured_sparsity(model)
+    return results
+
+
+def _measured_sparsity(model: torch.nn.Module) -> float:
+    from prune_trainer.masking.sparsity import weight_sparsity_report
+
+    return float(weight_sparsity_report(model)["global_sparsity"])
