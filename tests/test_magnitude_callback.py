@@ -1,3 +1,5 @@
+import time
+
 import pytest
 import torch
 from helpers import make_trainer, tiny_bert
@@ -118,9 +120,14 @@ def test_sparsity_curves_reach_wandb_offline_history(tmp_path, monkeypatch):
     import wandb
 
     wandb.finish()
-    rows = read_wandb_history(tmp_path / "wandb")
-    curves = [(r["train/global_step"], r["train/sparsity/global"], r["train/sparsity/target"])
-              for r in rows if "train/sparsity/global" in r]
+    # wandb-core writes the run file asynchronously: wait (bounded) until the last logging step is in it.
+    for _ in range(120):
+        rows = read_wandb_history(tmp_path / "wandb")
+        curves = [(r["train/global_step"], r["train/sparsity/global"], r["train/sparsity/target"])
+                  for r in rows if "train/sparsity/global" in r]
+        if curves and curves[-1][0] == 16:
+            break
+        time.sleep(0.5)
     assert len(curves) >= 3
     assert any(k.startswith("train/sparsity/bert.encoder.layer.0.") for r in rows for k in r)
     # The logged global sparsity follows the schedule and ends at the target.
@@ -129,3 +136,12 @@ def test_sparsity_curves_reach_wandb_offline_history(tmp_path, monkeypatch):
     # Same values in the Trainer's own log history.
     logged = [h["sparsity/global"] for h in trainer.state.log_history if "sparsity/global" in h]
     assert logged == pytest.approx([c[1] for c in curves])
+
+
+def test_nm_pattern_that_does_not_fit_fails_before_touching_the_model():
+    from prune_trainer.masking import masked_layers
+
+    model = tiny_bert()  # in_features 32 and 64: 3:5 fits neither
+    with pytest.raises(ValueError, match="does not divide in_features=32 of layer bert.encoder.layer.0"):
+        MagnitudePruningCallback(model, pattern="3:5")
+    assert masked_layers(model) == {}

@@ -22,7 +22,7 @@ from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from prune_trainer.config import PruningConfig
-from prune_trainer.masking.inject import inject_masked_layers
+from prune_trainer.masking.inject import find_target_linears, inject_masked_layers
 from prune_trainer.masking.masked_linear import MaskedLinear
 from prune_trainer.masking.selection import check_nm, parse_pattern, select_masks
 from prune_trainer.masking.sparsity import mask_sparsity
@@ -52,14 +52,14 @@ class PruningCallback(TrainerCallback):
         config.method = self.method_name
         self.config = config
         self.model = model
+        nm = parse_pattern(config.schedule.pattern)
+        if nm is not None:  # validate every target layer before the model is touched
+            for name in find_target_linears(model, config.targets, config.exclude):
+                check_nm(*nm, model.get_submodule(name).in_features, name)
         self.layers: dict[str, MaskedLinear] = inject_masked_layers(
             model, config.targets, config.exclude, mask_in_forward=self.mask_in_forward
         )
         self.schedule: PruningSchedule = config.schedule
-        nm = parse_pattern(config.schedule.pattern)
-        if nm is not None:
-            for name, layer in self.layers.items():
-                check_nm(*nm, layer.in_features, name)
         self.last_pruned_step = -1
         self.current_target = 0.0
 

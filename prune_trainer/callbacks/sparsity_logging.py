@@ -64,5 +64,10 @@ class SparsityLoggingCallback(TrainerCallback):
         return logs
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if logs is not None and not any(k.startswith("eval_") for k in logs):
-            logs.update(self.sparsity_logs())
+        if logs is None or any(k.startswith("eval_") for k in logs):
+            return
+        values = self.sparsity_logs()
+        logs.update(values)
+        # `Trainer.log` appended a copy of `logs` to the history before calling us: complete that row too.
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            state.log_history[-1].update(values)

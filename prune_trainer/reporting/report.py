@@ -37,7 +37,10 @@ def _epochs(run: dict[str, Any]) -> str:
 
 
 def sparsity_curve(run: dict[str, Any]) -> tuple[list[int], list[float]]:
-    """(steps, global sparsity) from the run's Trainer log history."""
+    """(steps, global sparsity) from ``sparsity_curve`` if the run has one, else its Trainer log history."""
+    if run.get("sparsity_curve"):
+        curve = run["sparsity_curve"]
+        return [int(s) for s in curve["step"]], [float(v) for v in curve["global"]]
     steps, values = [], []
     for row in run.get("log_history", []):
         if "sparsity/global" in row and "step" in row:

@@ -65,3 +65,14 @@ def read_wandb_history(run_file_or_dir: str | os.PathLike) -> list[dict[str, Any
                 {(item.key or "/".join(item.nested_key)): json.loads(item.value_json) for item in record.history.item}
             )
     return rows
+
+
+def sparsity_curve_from_wandb(run_file_or_dir: str | os.PathLike) -> dict[str, list[float]]:
+    """``{"step", "global", "target"}`` lists from the ``train/sparsity/*`` keys of an offline W&B run."""
+    curve: dict[str, list[float]] = {"step": [], "global": [], "target": []}
+    for row in read_wandb_history(run_file_or_dir):
+        if "train/sparsity/global" in row:
+            curve["step"].append(row.get("train/global_step", row.get("_step")))
+            curve["global"].append(row["train/sparsity/global"])
+            curve["target"].append(row.get("train/sparsity/target"))
+    return curve
