@@ -154,3 +154,21 @@ def test_cli_oneshot(model_dir, conll_dir, tmp_path, capsys):
     assert (out / "model" / "sparsity.json").is_file()
     rc = main(["oneshot", "--model", str(model_dir), "--sparsity", "1.2", "--data-dir", str(conll_dir)])
     assert rc == 2
+
+
+def test_evaluate_f1_matches_trainer_evaluate(model_dir, conll_dir, tmp_path):
+    from transformers import DataCollatorForTokenClassification, Trainer, TrainingArguments
+
+    from prune_trainer.data import make_compute_metrics, tokenize_and_align
+    from prune_trainer.models import load_model_and_tokenizer
+    from prune_trainer.oneshot.evaluation import evaluate_f1
+
+    model, tok = load_model_and_tokenizer(str(model_dir))
+    sents = load_conll_splits(conll_dir)["validation"]
+    ours = evaluate_f1(model, tok, sents, batch_size=7)
+    args = TrainingArguments(output_dir=str(tmp_path / "t"), per_device_eval_batch_size=5, report_to="none")
+    trainer = Trainer(model=model, args=args, data_collator=DataCollatorForTokenClassification(tok),
+                      compute_metrics=make_compute_metrics())
+    ref = trainer.evaluate(tokenize_and_align(sents, tok))
+    assert ours["f1"] == pytest.approx(ref["eval_f1"], abs=1e-9)
+    assert ours["accuracy"] == pytest.approx(ref["eval_accuracy"], abs=1e-9)

@@ -117,7 +117,7 @@ def table_markdown(results: dict[str, Any], calib: int) -> str:
         f"factorization**), dense F1 {_f(dense.get('eval_f1'))}. Calibration: {calib} train sentences, "
         "every encoder Linear, layer-sequential with pruned inputs; OWL with M=1 (no λ bound). "
         "Time = wall time of calibration forward passes + pruning, 1 CPU thread on a shared 2-core machine "
-        "(solve = the per-layer pruning math only).",
+        "(solve = the per-layer pruning math only); check `finished_at` / contention before comparing times.",
         "",
         "| Sparsity | Method | F1 uniform | F1 OWL | time (s) | solve (s) | paper F1 uniform | paper F1 OWL "
         "| paper time (s) |",
