@@ -8,7 +8,17 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from helpers import tiny_bert, tiny_tokenizer, write_conll_dir  # noqa: E402
 
-torch.set_num_threads(1)  # the machine has 2 cores; tiny models gain nothing from more
+torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One torch thread per test (restored after): tiny tensors on a 2-core machine run far faster so,
+    because two OpenMP threads spin-wait on each other."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture

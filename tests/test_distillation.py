@@ -14,14 +14,6 @@ from prune_trainer.callbacks.movement import MovementPruningCallback
 from prune_trainer.recipes.runner import load_recipe, run_recipe
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _student_teacher():
     kw = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     return tiny_bert(seed=0, **kw), tiny_bert(seed=1, **kw)

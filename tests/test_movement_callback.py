@@ -14,15 +14,6 @@ from prune_trainer.config import PruningConfig
 from prune_trainer.export import export_pruned_model
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # The tiny models are far faster on one thread, above all on a machine shared with other jobs.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _no_dropout_bert():
     return tiny_bert(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
 

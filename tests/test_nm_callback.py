@@ -15,15 +15,6 @@ from prune_trainer.masking.masked_linear import MaskedLinear
 from prune_trainer.schedules.schedule import PruningSchedule
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One torch thread: on the shared 2-core machine two threads spin-wait (100x slower tiny steps)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def groups_nonzeros(weight: torch.Tensor, m: int) -> torch.Tensor:
     """Independent count: non-zeros per group of m consecutive input weights (Python-level reshape)."""
     rows = weight.detach().tolist()

@@ -20,14 +20,6 @@ from prune_trainer.export.semi_structured import (
 from prune_trainer.schedules.schedule import PruningSchedule
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def test_export_round_trip_keeps_2_4_and_outputs(tmp_path):
     model = tiny_bert()
     pruner = NMSparsityCallback(model, PruningConfig(method="nm", schedule=PruningSchedule(kind="oneshot")))

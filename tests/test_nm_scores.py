@@ -21,14 +21,6 @@ from prune_trainer.methods.nm_scores import (
 from prune_trainer.schedules.schedule import PruningSchedule
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 class Toy(nn.Module):
     """Embedding → MaskedLinear, so the linear's input is known exactly (rows of the embedding)."""
 

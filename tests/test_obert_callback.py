@@ -14,15 +14,6 @@ OPTS = dict(num_grads=8, block_size=8, grad_batch_size=4, grad_chunk=3, verbose=
 SCHEDULE = dict(kind="cubic", initial_sparsity=0.5, final_sparsity=0.8, start_step=0, end_step=12, frequency=4)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread avoids OpenMP spin contention on the shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _pruner(model, **kw):
     return OBERTPruningCallback(model, **{**OPTS, **SCHEDULE, **kw})
 

@@ -7,15 +7,6 @@ from prune_trainer.methods.obert.fisher import BlockFisherInverse, fisher_invers
 from prune_trainer.methods.obert.update import joint_update_blocks, obs_scores, obs_update, summed_update_blocks
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread avoids OpenMP spin contention on the shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _reference_blocks(grads: torch.Tensor, block_size: int, damp: float) -> torch.Tensor:
     """inv(λI + (1/m) Σ g gᵀ) per block, in float64, one block at a time (independent of the code under test)."""
     m, d = grads.shape
