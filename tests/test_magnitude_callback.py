@@ -145,3 +145,24 @@ def test_nm_pattern_that_does_not_fit_fails_before_touching_the_model():
     with pytest.raises(ValueError, match="does not divide in_features=32 of layer bert.encoder.layer.0"):
         MagnitudePruningCallback(model, pattern="3:5")
     assert masked_layers(model) == {}
+
+
+def test_pruning_time_is_timed_once_per_update_and_kept_in_the_state():
+    class Slow(MagnitudePruningCallback):
+        def update_masks(self, step, **kwargs):  # an override calling super(): one timed call, not two
+            time.sleep(0.02)
+            super().update_masks(step, **kwargs)
+
+    pruner = Slow(tiny_bert(), final_sparsity=0.5, start_step=0, end_step=2, frequency=1)
+    pruner.schedule = pruner.config.schedule.resolve(4)
+    pruner.update_masks(1)
+    pruner.update_masks(2)
+    assert pruner.pruning_steps == 2 and pruner.pruning_time_s >= 0.04
+    state = pruner.state_dict()
+    assert state["pruning_steps"] == 2 and state["pruning_time_s"] == pruner.pruning_time_s
+    fresh = MagnitudePruningCallback(tiny_bert(), final_sparsity=0.5, start_step=0, end_step=2, frequency=1)
+    fresh.load_state_dict(state)
+    assert fresh.pruning_steps == 2 and fresh.pruning_time_s == state["pruning_time_s"]
+    del state["pruning_time_s"], state["pruning_steps"]  # a checkpoint written before these keys existed
+    fresh.load_state_dict(state)
+    assert fresh.pruning_steps == 0 and fresh.pruning_time_s == 0.0

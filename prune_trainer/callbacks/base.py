@@ -6,14 +6,20 @@ A method subclass only says how to score weights (`compute_scores`); this base c
 - keeps pruned weights exactly zero: gradients masked before every optimizer step, weights
   re-masked after it (so AdamW's decoupled weight decay and momentum cannot revive them);
 - makes masks identical on every rank under DDP (broadcast from rank 0);
-- saves its state into each Trainer checkpoint (``pruning_state.json``) and restores it on resume.
+- saves its state into each Trainer checkpoint (``pruning_state.json``) and restores it on resume;
+- times its mask updates: ``pruning_time_s`` (seconds spent inside ``update_masks``, whatever the method
+  does there: scoring, calibration passes, Fisher inverses, OBS updates) and ``pruning_steps`` (how many
+  calls), kept in the checkpoint state so a resumed run reports the total of the whole run.
 Masks themselves are persistent buffers, saved and restored with the model weights.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -31,6 +37,31 @@ from prune_trainer.schedules.schedule import PruningSchedule
 STATE_FILE = "pruning_state.json"
 
 
+def timed_update(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Wrap an ``update_masks`` so that its wall time is added to ``self.pruning_time_s``.
+
+    Nested calls (a subclass's ``update_masks`` calling ``super().update_masks``) are counted once.
+    """
+    if getattr(fn, "_prune_trainer_timed", False):
+        return fn
+
+    @functools.wraps(fn)
+    def wrapper(self: PruningCallback, *args: Any, **kwargs: Any) -> Any:
+        if getattr(self, "_in_timed_update", False):
+            return fn(self, *args, **kwargs)
+        self._in_timed_update = True
+        start = time.perf_counter()
+        try:
+            return fn(self, *args, **kwargs)
+        finally:
+            self.pruning_time_s = getattr(self, "pruning_time_s", 0.0) + time.perf_counter() - start
+            self.pruning_steps = getattr(self, "pruning_steps", 0) + 1
+            self._in_timed_update = False
+
+    wrapper._prune_trainer_timed = True  # type: ignore[attr-defined]
+    return wrapper
+
+
 class PruningCallback(TrainerCallback):
     """Base class: scheduled mask updates + exact-zero maintenance + checkpoint state.
 
@@ -44,6 +75,12 @@ class PruningCallback(TrainerCallback):
     mask_in_forward = False
     monotone = True
     """Already-pruned weights stay pruned (their scores are set to -inf before selection)."""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Every method's own ``update_masks`` is timed (see `timed_update`)."""
+        super().__init_subclass__(**kwargs)
+        if "update_masks" in cls.__dict__:
+            cls.update_masks = timed_update(cls.__dict__["update_masks"])  # type: ignore[method-assign]
 
     def __init__(self, model: nn.Module, config: PruningConfig | None = None, **schedule_overrides: Any) -> None:
         config = config or PruningConfig(method=self.method_name)
@@ -62,6 +99,10 @@ class PruningCallback(TrainerCallback):
         self.schedule: PruningSchedule = config.schedule
         self.last_pruned_step = -1
         self.current_target = 0.0
+        self.pruning_time_s = 0.0
+        """Wall seconds spent in ``update_masks`` over the whole run (resumes included)."""
+        self.pruning_steps = 0
+        """Number of ``update_masks`` calls over the whole run."""
 
     # ---- to implement by methods -------------------------------------------------------------
     def compute_scores(self, **kwargs: Any) -> dict[str, torch.Tensor]:
@@ -76,6 +117,7 @@ class PruningCallback(TrainerCallback):
         """Restore what `method_state` saved."""
 
     # ---- mask updates -----------------------------------------------------------------------
+    @timed_update
     @torch.no_grad()
     def update_masks(self, step: int, **kwargs: Any) -> None:
         """Prune to the schedule's target at ``step`` using the method's scores."""
@@ -146,6 +188,8 @@ class PruningCallback(TrainerCallback):
             "config": self.config.to_dict(),
             "last_pruned_step": self.last_pruned_step,
             "current_target": self.current_target,
+            "pruning_time_s": self.pruning_time_s,
+            "pruning_steps": self.pruning_steps,
             "method_state": self.method_state(),
         }
 
@@ -156,6 +200,8 @@ class PruningCallback(TrainerCallback):
             )
         self.last_pruned_step = int(state["last_pruned_step"])
         self.current_target = float(state["current_target"])
+        self.pruning_time_s = float(state.get("pruning_time_s", 0.0))  # absent in older checkpoints
+        self.pruning_steps = int(state.get("pruning_steps", 0))
         self.load_method_state(state.get("method_state", {}))
 
     def _load_checkpoint_state(self, ckpt_dir: str) -> None:

@@ -2,7 +2,7 @@
 
 ``python -m prune_trainer.oneshot.experiments grid --model results/dense/model --out results/oneshot_results.json
 --methods sparsegpt,wanda --sparsities 0.5,0.7,2:4 --owl no --calib 1024``: runs every missing setting
-(resumable: settings already in the JSON are skipped) with one torch thread.
+(resumable: settings already in the JSON, or in the JSONs given with ``--done``, are skipped) with one torch thread.
 ``... table --json ... --md results/oneshot_table.md`` and ``... samples --json ... --md ... --png ...``.
 """
 
@@ -13,6 +13,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -48,13 +49,19 @@ def run_grid(
     data_dir: str | None = None,
     owl_m: float = 1.0,
     seed: int = 0,
+    done_keys: Iterable[str] = (),
 ) -> dict[str, Any]:
+    """Run every (calib, level, method, OWL) setting not yet in ``out_json`` nor in ``done_keys``.
+
+    Each finished setting is written to ``out_json`` at once (atomic rewrite), so an interrupted grid resumes.
+    """
     import torch
 
     from prune_trainer.data.conll import load_conll_splits
     from prune_trainer.oneshot.runner import OneShotConfig, run_oneshot
 
     torch.set_num_threads(1)
+    done = set(done_keys)
     results = json.loads(out_json.read_text()) if out_json.is_file() else {}
     splits = load_conll_splits(data_dir)
     if "dense" not in results:
@@ -67,7 +74,7 @@ def run_grid(
                     if owl and ":" in level:
                         continue
                     key = setting_key(method, level, owl, calib, seed)
-                    if key in results:
+                    if key in results or key in done:
                         continue
                     pattern = level if ":" in level else "unstructured"
                     sparsity = 0.0 if ":" in level else float(level)
@@ -203,6 +210,8 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--owl", choices=["no", "yes", "both"], default="no")
     g.add_argument("--calib", default="1024")
     g.add_argument("--data-dir")
+    g.add_argument("--done", type=Path, nargs="*", default=[],
+                   help="other grid JSONs whose settings count as done (not rerun)")
     t = sub.add_parser("table")
     t.add_argument("--json", type=Path, nargs="+", required=True, help="one or more grid JSONs (merged)")
     t.add_argument("--md", type=Path, required=True)
@@ -215,7 +224,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "grid":
         owl_modes = {"no": [False], "yes": [True], "both": [False, True]}[args.owl]
         run_grid(args.model, args.out, args.methods.split(","), args.sparsities.split(","), owl_modes,
-                 [int(c) for c in args.calib.split(",")], args.data_dir)
+                 [int(c) for c in args.calib.split(",")], args.data_dir,
+                 done_keys=[k for p in args.done if p.is_file() for k in json.loads(p.read_text())])
     elif args.cmd == "table":
         args.md.write_text(table_markdown(merge_results(args.json), args.calib))
     else:

@@ -102,6 +102,10 @@ def run_oneshot(
         results.update({f"eval_{k}": v for k, v in scores.items()})
         results["eval_time_s"] = round(time.perf_counter() - t0, 1)
         results["eval_sentences"] = len(splits["validation"])
+        if "test" in splits:  # every split the data has (CoNLL-2003's test.txt when present)
+            scores = evaluate_f1(model, tokenizer, splits["test"], cfg.eval_batch_size, cfg.max_length)
+            results.update({f"test_{k}": v for k, v in scores.items()})
+            results["test_sentences"] = len(splits["test"])
     if cfg.output_dir:
         out = Path(cfg.output_dir)
         if cfg.export:

@@ -3,6 +3,10 @@
 A recipe has the keys ``name``, ``model``, ``init_from``, ``data``, ``training`` (any
 `TrainingArguments` field), ``pruning`` (a `PruningConfig`, or null for dense) and
 ``output_dir``. ``--set a.b=value`` overrides any key (value parsed as YAML).
+
+Besides F1 and sparsity, ``metrics.json`` records the run's costs: ``wall_time_s``, ``peak_rss_mib`` (peak
+resident memory of the process, from ``getrusage``), ``pruning_time_s`` / ``pruning_steps`` (time spent in the
+pruning callback's mask updates, over the whole run including resumed parts) and ``resumed_from_step``.
 """
 
 from __future__ import annotations
@@ -104,6 +108,33 @@ def _device_name() -> str:
     return f"cpu ({os.cpu_count()} cores, torch threads {torch.get_num_threads()})"
 
 
+def peak_rss_mib() -> float | None:
+    """Peak resident set size of this process so far in MiB (``getrusage``), or None where unavailable.
+
+    Linux reports ``ru_maxrss`` in KiB, macOS in bytes. It is the peak of the whole process: run one recipe
+    per process (as ``prune-trainer reproduce`` does) for a per-run figure.
+    """
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(peak / (1024 * 1024 if sys.platform == "darwin" else 1024), 1)
+
+
+def last_checkpoint_step(ckpt_dir: str | os.PathLike) -> int | None:
+    """Global step of the newest ``checkpoint-<step>`` folder in ``ckpt_dir`` (None when there is none)."""
+    ckpt_dir = Path(ckpt_dir)
+    if not ckpt_dir.is_dir():
+        return None
+    steps = [
+        int(p.name.split("-", 1)[1])
+        for p in ckpt_dir.iterdir()
+        if p.is_dir() and p.name.startswith("checkpoint-") and p.name.split("-", 1)[1].isdigit()
+    ]
+    return max(steps) if steps else None
+
+
 def run_recipe(recipe: dict[str, Any], results_root: str | os.PathLike = "results") -> dict[str, Any]:
     """Run a recipe end to end; return the metrics written to ``<output_dir>/metrics.json``."""
     from transformers import DataCollatorForTokenClassification, Trainer, TrainingArguments
@@ -170,8 +201,8 @@ def run_recipe(recipe: dict[str, Any], results_root: str | os.PathLike = "result
         preprocess_logits_for_metrics=preprocess_logits_for_metrics,
         callbacks=callbacks,
     )
-    has_ckpt = ckpt_dir.is_dir() and any(p.name.startswith("checkpoint-") for p in ckpt_dir.iterdir())
-    train_out = trainer.train(resume_from_checkpoint=True if has_ckpt else None)
+    resumed_from = last_checkpoint_step(ckpt_dir)
+    train_out = trainer.train(resume_from_checkpoint=True if resumed_from is not None else None)
 
     metrics: dict[str, Any] = {"name": name}
     for split, ds in eval_sets.items():
@@ -194,7 +225,11 @@ def run_recipe(recipe: dict[str, Any], results_root: str | os.PathLike = "result
             "sparsity_per_layer": report["per_layer"],
             "train_loss": train_out.training_loss,
             "train_steps": trainer.state.global_step,
+            "resumed_from_step": resumed_from or 0,
             "wall_time_s": round(wall, 1),
+            "pruning_time_s": round(pruner.pruning_time_s, 2) if pruner is not None else 0.0,
+            "pruning_steps": pruner.pruning_steps if pruner is not None else 0,
+            "peak_rss_mib": peak_rss_mib(),
             "git_commit": commit,
             "device": _device_name(),
             "command": " ".join(sys.argv),
@@ -216,7 +251,9 @@ def results_markdown(metrics: dict[str, Any]) -> str:
         "| metric | value |",
         "|---|---|",
     ]
-    for key in ("eval_f1", "eval_precision", "eval_recall", "test_f1", "sparsity", "train_steps", "wall_time_s"):
+    keys = ("eval_f1", "eval_precision", "eval_recall", "test_f1", "sparsity", "train_steps", "wall_time_s",
+            "pruning_time_s", "peak_rss_mib")
+    for key in keys:
         if key in metrics:
             value = metrics[key]
             lines.append(f"| {key} | {value:.4f} |" if isinstance(value, float) else f"| {key} | {value} |")
