@@ -1,7 +1,7 @@
 import json
 
 from prune_trainer.cli import main
-from prune_trainer.reporting import load_runs, results_table
+from prune_trainer.reporting import cost_table, load_oneshot_results, load_runs, oneshot_cost_table, results_table
 
 
 def _write(root, name, f1, sparsity, method=None):
@@ -24,5 +24,39 @@ def test_report_table_and_plots(tmp_path, capsys):
     assert main(["report", str(tmp_path)]) == 0
     readme = (tmp_path / "README.md").read_text()
     assert "0.8100" in readme and "f1_vs_sparsity.png" in readme
+    assert "## Costs" in readme
+    assert "| [magnitude_90](magnitude_90/) | magnitude | - | 10.0 min | - | - | - | - |" in readme  # old keys only
     assert (tmp_path / "f1_vs_sparsity.png").stat().st_size > 1000
     assert (tmp_path / "sparsity_curves.png").stat().st_size > 1000
+
+
+def test_cost_table_with_and_without_the_new_keys(tmp_path):
+    _write(tmp_path, "old_run", 0.8, 0.9, "magnitude")  # predates the cost keys: only its wall time
+    _write(tmp_path, "new_run", 0.85, 0.9, "movement")
+    path = tmp_path / "new_run" / "metrics.json"
+    new = json.loads(path.read_text())
+    new.update(train_steps=400, resumed_from_step=200, pruning_time_s=12.5, pruning_steps=7, peak_rss_mib=2048.4,
+               wall_time_s=1200.0)
+    new["log_history"].append({"train_runtime": 100.0, "step": 400})  # this call trained steps 201..400
+    path.write_text(json.dumps(new))
+    table = cost_table(load_runs(tmp_path))
+    assert "| [new_run](new_run/) | movement | 400 | 20.0 min | 0.50 | 12.5 s | 12.5% | 2048 MiB |" in table
+    assert "| [old_run](old_run/) | magnitude | - | 10.0 min | - | - | - | - |" in table
+
+    assert load_oneshot_results(tmp_path) == {}
+    (tmp_path / "oneshot_results.json").write_text(json.dumps({
+        "dense": {"eval_f1": 0.9},
+        "wanda|0.5|uniform|n1024|s0": {"prune_time_s": 10.0, "solve_time_s": 1.0},
+        "sparsegpt|0.5|uniform|n1024|s0": {"prune_time_s": 40.0, "solve_time_s": 4.0},
+    }))
+    (tmp_path / "oneshot_results_b.json").write_text(json.dumps({
+        "wanda|0.7|owl|n1024|s0": {"prune_time_s": 30.0, "solve_time_s": 2.0},
+        "wanda|0.8|uniform|n1024|s0": {"prune_time_s": 20.0},  # no solve time recorded
+        "wanda|0.8|uniform|n256|s0": {"prune_time_s": 5.0, "solve_time_s": 0.5},
+    }))
+    table = oneshot_cost_table(load_oneshot_results(tmp_path))
+    assert table.splitlines()[2:] == [
+        "| sparsegpt | 1024 | 1 | 40.0 s (40.0–40.0) | 4.0 s |",
+        "| wanda | 256 | 1 | 5.0 s (5.0–5.0) | 0.5 s |",
+        "| wanda | 1024 | 3 | 20.0 s (10.0–30.0) | 1.5 s |",
+    ]
