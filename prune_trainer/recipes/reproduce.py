@@ -1,0 +1,523 @@
+"""``prune-trainer reproduce``: the whole study as one resumable command, planned in ``recipes/reproduce.yaml``.
+
+The plan is an ordered list of steps (see the comments at the top of ``recipes/reproduce.yaml``): recipe runs
+(``prune-trainer run``), one-shot grids and their table (``python -m prune_trainer.oneshot.experiments``) and the
+report (``prune-trainer report``). For each step the driver works out
+
+- its **status**: ``done`` (``<results>/<name>/metrics.json`` exists; one-shot: every setting of the step is in a
+  ``<results>/oneshot_results*.json``), ``resumable`` (a Trainer checkpoint in ``<results>/<name>/checkpoints/``,
+  or part of a one-shot grid), ``to run``, ``re-run`` (dense weights missing, see below) or ``up to date``
+  (table / report newer than their inputs);
+- its **exact command**, which is what runs: each step is its own process (``sys.executable -m ...``), so memory
+  is returned between steps and the ``peak_rss_mib`` a run records is its own;
+- an **estimated time** on the 2-core CPU machine from the recipe's epochs and the plan's ``estimates`` (an
+  estimate, not a measurement).
+
+Dependencies: a step whose ``init_from`` (or distillation teacher, or one-shot ``model_from``) is the exported
+model of an earlier step runs after it. When that step is done but its model folder is missing (exported
+weights are gitignored: a fresh clone), the driver runs that step again to rebuild the weights (overwriting its
+``metrics.json``); with ``--only``, steps needed by the selected ones are added. A failed step stops the driver;
+running it again skips what finished and resumes the interrupted run from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import math
+import os
+import shlex
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from prune_trainer.recipes.runner import last_checkpoint_step, load_recipe
+
+DEFAULT_PLAN = "recipes/reproduce.yaml"
+STEP_KINDS = ("recipe", "oneshot", "oneshot_table", "report")
+STEP_KEYS = {"name", "set", "est_min_per_epoch", "est_min_per_setting", *STEP_KINDS}
+DEFAULT_ESTIMATES: dict[str, float] = {
+    "min_per_epoch": 8.0,  # embedded model, full CoNLL-2003, 2 CPU cores
+    "min_per_epoch_distillation": 10.0,
+    "min_per_oneshot_setting": 2.0,
+    "train_sentences": 14041,
+}
+ONESHOT_GLOB = "oneshot_results*.json"
+CLI_MODULE = "prune_trainer"
+ONESHOT_MODULE = "prune_trainer.oneshot.experiments"
+
+Executor = Callable[["Step"], int]
+
+
+@dataclass
+class Step:
+    """One planned step: what it runs, whether it runs now, and why."""
+
+    name: str
+    kind: str
+    module: str
+    argv: list[str]
+    status: str = "to run"
+    detail: str = ""
+    selected: bool = True
+    run: bool = False
+    estimate_min: float = 0.0
+    needs: list[str] = field(default_factory=list)
+    """Names of the earlier steps whose exported model this step starts from."""
+    model_dir: Path | None = None
+    """The exported model a recipe step writes."""
+    output: Path | None = None
+    """The file a one-shot grid / table / report step writes."""
+    inputs: list[Path] = field(default_factory=list)
+    """One-shot table: the grid JSONs it may read."""
+    resume_step: int | None = None
+    """Recipe step: the global step of its newest Trainer checkpoint (the run resumes there)."""
+    missing_inputs: list[str] = field(default_factory=list)
+
+    def command(self, python: str | None = None) -> list[str]:
+        """The full command line (``python -m <module> <argv>``)."""
+        return [python or sys.executable, "-m", self.module, *self.argv]
+
+    def display_command(self) -> str:
+        """The command as printed: the interpreter relative to the working directory when it is inside it."""
+        python = sys.executable
+        try:
+            rel = os.path.relpath(python)
+            python = rel if not rel.startswith("..") else python
+        except ValueError:  # another drive (Windows)
+            pass
+        return shlex.join(self.command(python))
+
+
+# ---- plan ---------------------------------------------------------------------------------------------------
+def load_plan(path: str | os.PathLike) -> dict[str, Any]:
+    """Read and check a plan YAML: ``estimates`` (optional) and ``steps`` (a list of step mappings)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"plan {str(path)!r} does not exist")
+    plan = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(plan, dict) or not isinstance(plan.get("steps"), list) or not plan["steps"]:
+        raise ValueError(f"plan {path} must be a mapping with a non-empty list 'steps'")
+    for i, spec in enumerate(plan["steps"], 1):
+        if not isinstance(spec, dict):
+            raise ValueError(f"plan {path}: step {i} must be a mapping, got {spec!r}")
+        kinds = [k for k in STEP_KINDS if k in spec]
+        if len(kinds) != 1:
+            raise ValueError(f"plan {path}: step {i} needs exactly one of {list(STEP_KINDS)}, got {sorted(spec)}")
+        unknown = set(spec) - STEP_KEYS
+        if unknown:
+            raise ValueError(f"plan {path}: step {i} has unknown key(s) {sorted(unknown)}")
+    return plan
+
+
+def _display_path(path: Path) -> str:
+    """``path`` relative to the working directory when it is below it, else as given."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
+def _model_present(model_dir: Path | None) -> bool:
+    """An exported model folder with its config and weights."""
+    if model_dir is None:
+        return False
+    weights = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json")
+    return (model_dir / "config.json").is_file() and any((model_dir / w).is_file() for w in weights)
+
+
+def _producer(value: Any, recipe_steps: dict[str, int]) -> str | None:
+    """Name of the recipe step whose exported model ``value`` (a path ``.../<name>/model``) is."""
+    if not isinstance(value, str):
+        return None
+    parts = Path(value).parts
+    if len(parts) >= 2 and parts[-1] == "model" and parts[-2] in recipe_steps:
+        return parts[-2]
+    return None
+
+
+def _oneshot_keys(spec: dict[str, Any]) -> list[str]:
+    """The grid setting keys (``method|level|owl|n<calib>|s<seed>``) a one-shot step produces."""
+    from prune_trainer.oneshot.experiments import setting_key
+
+    owl_modes = {"no": [False], "yes": [True], "both": [False, True]}[spec.get("owl", "no")]
+    keys = []
+    for level in _levels(spec):
+        for owl in owl_modes:
+            if owl and ":" in level:
+                continue
+            keys.append(setting_key(spec["method"], level, owl, int(spec.get("calib", 1024)), int(spec.get("seed", 0))))
+    return keys
+
+
+def _levels(spec: dict[str, Any]) -> list[str]:
+    levels = []
+    for level in spec.get("levels", []):
+        if isinstance(level, int) and not isinstance(level, bool) and level > 1:
+            raise ValueError(f"one-shot level {level!r} looks like an unquoted N:M pattern; write it as '2:4'")
+        levels.append(str(level))
+    return levels
+
+
+def _existing_oneshot(results_dir: Path) -> tuple[list[Path], set[str]]:
+    """The grid JSON files under ``results_dir`` and the union of their setting keys."""
+    files = sorted(results_dir.glob(ONESHOT_GLOB))
+    keys: set[str] = set()
+    for path in files:
+        try:
+            keys.update(k for k in json.loads(path.read_text()) if k != "dense")
+        except (OSError, json.JSONDecodeError):
+            continue
+    return files, keys
+
+
+def _newest_mtime(paths: Iterable[Path]) -> float:
+    return max((p.stat().st_mtime for p in paths if p.is_file()), default=0.0)
+
+
+def _epochs_of(training: dict[str, Any]) -> str:
+    """A run's budget as text: ``3 epochs``, ``1 epoch`` or ``400 steps``."""
+    if training.get("max_steps", -1) not in (-1, None):
+        return f"{training['max_steps']} steps"
+    epochs = float(training.get("num_train_epochs", 3))
+    return f"{epochs:g} epoch{'' if epochs == 1 else 's'}"
+
+
+def build_steps(
+    plan_path: str | os.PathLike = DEFAULT_PLAN,
+    results_dir: str | os.PathLike = "results",
+    data_dir: str | None = None,
+    epochs: float | None = None,
+    only: list[str] | None = None,
+) -> list[Step]:
+    """The plan's steps with their commands, statuses, estimates and whether each runs in this invocation."""
+    from prune_trainer.recipes.runner import DEFAULT_TRAINING
+
+    plan_path = Path(plan_path)
+    plan = load_plan(plan_path)
+    est = {**DEFAULT_ESTIMATES, **(plan.get("estimates") or {})}
+    results = Path(results_dir)
+    common_data = ["--data-dir", str(data_dir)] if data_dir else []
+    oneshot_files, oneshot_done = _existing_oneshot(results)
+
+    # Pass 1: names of the recipe steps (a step may only use the model of an earlier one).
+    recipes: dict[int, tuple[dict[str, Any], list[str], Path]] = {}
+    names: list[str] = []
+    for i, spec in enumerate(plan["steps"]):
+        if "recipe" in spec:
+            path = plan_path.parent / spec["recipe"]  # an absolute path stays as it is
+            overrides = [str(o) for o in spec.get("set") or []]
+            recipe = load_recipe(path, overrides + ([f"name={spec['name']}"] if spec.get("name") else []))
+            recipes[i] = (recipe, overrides, path)
+            names.append(recipe["name"])
+        elif "name" in spec:
+            names.append(str(spec["name"]))
+        else:
+            names.append(next(k for k in STEP_KINDS if k in spec))
+    dupes = {n for n in names if names.count(n) > 1}
+    if dupes:
+        raise ValueError(f"plan {plan_path}: step names must be unique, repeated: {sorted(dupes)}")
+    recipe_index = {recipes[i][0]["name"]: i for i in recipes}
+    producers = {str((spec.get("oneshot") or {}).get("model_from")) for spec in plan["steps"]}
+    for recipe, _, _ in recipes.values():
+        teacher = (recipe.get("distillation") or {}).get("teacher")
+        producers.update(filter(None, (_producer(recipe.get("init_from"), recipe_index),
+                                       _producer(teacher, recipe_index))))
+
+    steps: list[Step] = []
+    for i, spec in enumerate(plan["steps"]):
+        name = names[i]
+
+        def earlier(dep: str, what: str, i: int = i, name: str = name) -> None:
+            if recipe_index[dep] > i:
+                raise ValueError(f"plan {plan_path}: step {name!r} uses the {what} of step {dep!r}, which comes later")
+
+        if i in recipes:
+            recipe, overrides, path = recipes[i]
+            argv = ["run", _display_path(path)]
+            for item in overrides:
+                argv += ["--set", item]
+            base_name = load_recipe(path)["name"]
+            if name != base_name:
+                argv += ["--name", name]
+            needs: list[str] = []
+            missing: list[str] = []
+            dist = recipe.get("distillation") or {}
+            for key, value in (("init_from", recipe.get("init_from")), ("distillation.teacher", dist.get("teacher"))):
+                dep = _producer(value, recipe_index)
+                if dep is not None:
+                    earlier(dep, f"model ({key})")
+                    needs.append(dep)
+                    wanted = str(results / dep / "model")
+                    if os.path.normpath(str(value)) != os.path.normpath(wanted):
+                        argv += ["--set", f"{key}={wanted}"]
+                elif isinstance(value, str) and key == "init_from" and not Path(value).exists():
+                    missing.append(value)
+            if epochs is not None:
+                argv += ["--set", f"training.num_train_epochs={epochs:g}"]
+            argv += [*common_data, "--results-dir", str(results)]
+            out = Path(recipe.get("output_dir") or results / name)
+            training = {**DEFAULT_TRAINING, **(recipe.get("training") or {})}
+            if epochs is not None:
+                training["num_train_epochs"] = epochs
+            steps_per_epoch = math.ceil(est["train_sentences"] / int(training["per_device_train_batch_size"]))
+            if training.get("max_steps", -1) not in (-1, None):
+                total_steps = int(training["max_steps"])
+            else:
+                total_steps = math.ceil(float(training["num_train_epochs"]) * steps_per_epoch)
+            per_epoch = spec.get("est_min_per_epoch") or (
+                est["min_per_epoch_distillation"] if recipe.get("distillation") else est["min_per_epoch"]
+            )
+            step = Step(name, "recipe", CLI_MODULE, argv, needs=sorted(set(needs)), model_dir=out / "model",
+                        missing_inputs=missing)
+            ckpt = last_checkpoint_step(out / "checkpoints")
+            step.resume_step = ckpt
+            step.estimate_min = total_steps / steps_per_epoch * float(per_epoch)
+            if ckpt is not None:
+                step.estimate_min *= max(0.0, 1.0 - ckpt / max(total_steps, 1))
+            if (out / "metrics.json").is_file():
+                step.status = "done"
+                step.detail = _done_detail(out / "metrics.json", training)
+                if name in producers and not _model_present(step.model_dir):
+                    step.detail = "; ".join(filter(None, [step.detail, f"weights {step.model_dir} absent (gitignored): "
+                                                          "trained again only if a step that needs them runs"]))
+            elif ckpt is not None:
+                step.status = "resumable"
+                step.detail = f"resumes from checkpoint-{ckpt} of {total_steps} steps"
+        elif "oneshot" in spec:
+            os_spec = dict(spec["oneshot"])
+            if "method" not in os_spec or not os_spec.get("levels"):
+                raise ValueError(f"plan {plan_path}: one-shot step {name!r} needs 'method' and 'levels'")
+            needs = []
+            if os_spec.get("model_from"):
+                dep = str(os_spec["model_from"])
+                if dep not in recipe_index:
+                    raise ValueError(f"plan {plan_path}: step {name!r}: model_from {dep!r} is not a recipe step")
+                earlier(dep, "model (model_from)")
+                needs.append(dep)
+                model = str(results / dep / "model")
+            elif os_spec.get("model"):
+                model = str(os_spec["model"])
+            else:
+                raise ValueError(f"plan {plan_path}: one-shot step {name!r} needs 'model_from' or 'model'")
+            out_json = results / str(os_spec.get("out", "oneshot_results.json"))
+            keys = _oneshot_keys(os_spec)
+            others = [str(p) for p in oneshot_files if p != out_json]
+            argv = ["grid", "--model", model, "--out", str(out_json), "--methods", str(os_spec["method"]),
+                    "--sparsities", ",".join(_levels(os_spec)), "--owl", str(os_spec.get("owl", "no")),
+                    "--calib", str(int(os_spec.get("calib", 1024))), *common_data]
+            if others:
+                argv += ["--done", *others]
+            n_done = sum(k in oneshot_done for k in keys)
+            step = Step(name, "oneshot", ONESHOT_MODULE, argv, needs=needs, output=out_json)
+            step.status = "done" if n_done == len(keys) else ("resumable" if n_done else "to run")
+            step.detail = f"{n_done}/{len(keys)} settings in {results / ONESHOT_GLOB}"
+            per = float(spec.get("est_min_per_setting") or est["min_per_oneshot_setting"])
+            step.estimate_min = (len(keys) - n_done) * per
+        elif "oneshot_table" in spec:
+            t_spec = dict(spec["oneshot_table"] or {})
+            md = results / str(t_spec.get("md", "oneshot_table.md"))
+            outs = {s.output for s in steps if s.kind == "oneshot" and s.output is not None}
+            argv = ["table", "--md", str(md), "--calib", str(int(t_spec.get("calib", 1024)))]  # --json: _finish
+            step = Step(name, "oneshot_table", ONESHOT_MODULE, argv, output=md, inputs=sorted({*oneshot_files, *outs}))
+            if md.is_file() and md.stat().st_mtime >= _newest_mtime(step.inputs):
+                step.status, step.detail = "up to date", f"{md} is newer than its inputs"
+            step.estimate_min = 0.1
+        else:
+            readme = results / "README.md"
+            step = Step(name, "report", CLI_MODULE, ["report", str(results)], output=readme)
+            inputs = [*results.glob("*/metrics.json"), *(p for p in results.glob("*.md") if p.name != "README.md")]
+            if readme.is_file() and readme.stat().st_mtime >= _newest_mtime(inputs):
+                step.status, step.detail = "up to date", f"{readme} is newer than every metrics.json"
+            step.estimate_min = 0.2
+        steps.append(step)
+
+    _select(steps, only)
+    _finish_tables(steps)
+    return steps
+
+
+def _finish_tables(steps: list[Step]) -> None:
+    """One-shot table steps read the grid JSONs that exist or that a running grid step writes."""
+    written = {s.output for s in steps if s.kind == "oneshot" and s.run}
+    for step in steps:
+        if step.kind != "oneshot_table":
+            continue
+        inputs = [p for p in step.inputs if p.is_file() or p in written]
+        if not inputs:
+            step.status, step.detail, step.run = "nothing to do", "no one-shot results", False
+        step.argv[1:1] = ["--json", *map(str, inputs)]
+
+
+def _done_detail(metrics_path: Path, planned: dict[str, Any]) -> str:
+    """``ran 1 epochs (plan: 2 epochs)`` when the recorded run's budget differs from the planned one."""
+    try:
+        ran = (json.loads(metrics_path.read_text()).get("config") or {}).get("training") or {}
+    except (OSError, json.JSONDecodeError):
+        return ""
+    before, now = _epochs_of(ran), _epochs_of(planned)
+    return f"ran {before} (plan: {now}); delete the folder to redo it" if before != now else ""
+
+
+def _select(steps: list[Step], only: list[str] | None) -> None:
+    """Set ``selected`` / ``run``: ``--only`` patterns, skipping finished steps, pulling in needed ones."""
+    patterns = [p.strip() for item in only or [] for p in item.split(",") if p.strip()]
+    by_name = {s.name: s for s in steps}
+    for step in steps:
+        step.selected = not patterns or any(fnmatch.fnmatchcase(step.name, p) for p in patterns)
+        step.run = step.selected and step.status in ("to run", "resumable")
+    if patterns and not any(s.selected for s in steps):
+        raise ValueError(f"--only {','.join(patterns)} matches no step; steps: {', '.join(by_name)}")
+    needed_by: dict[str, list[str]] = {}
+    for step in reversed(steps):  # dependencies come earlier: visiting backwards reaches their own needs later
+        if not step.run:
+            continue
+        for dep_name in step.needs:
+            dep = by_name[dep_name]
+            needed_by.setdefault(dep_name, []).insert(0, step.name)
+            if dep.run or (dep.status == "done" and _model_present(dep.model_dir)):
+                continue
+            dep.run = True
+            if dep.status == "done":
+                dep.status = "re-run"
+    for dep_name, users in needed_by.items():
+        dep = by_name[dep_name]
+        who = ", ".join(users[:3]) + (f" and {len(users) - 3} more" if len(users) > 3 else "")
+        if dep.status == "re-run":
+            how = (f"resumes from its checkpoint-{dep.resume_step} (evaluates and exports again)"
+                   if dep.resume_step is not None else f"trains {dep.name} again")
+            dep.detail = (f"its metrics exist but the weights {dep.model_dir} are missing (gitignored, e.g. a fresh "
+                          f"clone) and {who} need them: {how}; this overwrites {dep.name}/metrics.json")
+        elif dep.run and not dep.selected:
+            dep.detail = f"{dep.detail + '; ' if dep.detail else ''}not selected, but {who} need it"
+    ran_before = False
+    oneshot_ran = False
+    for step in steps:  # tables and report follow anything that runs before them
+        if step.kind == "oneshot_table" and step.selected and oneshot_ran and not step.run:
+            step.run, step.status, step.detail = True, "to run", "after the one-shot grids above"
+        if step.kind == "report" and step.selected and ran_before and not step.run:
+            step.run, step.status, step.detail = True, "to run", "after the steps above"
+        if step.run:
+            ran_before = True
+            oneshot_ran = oneshot_ran or step.kind == "oneshot"
+
+
+def _fmt_min(minutes: float) -> str:
+    if minutes < 1:
+        return "< 1 min"
+    if minutes < 90:
+        return f"{minutes:.0f} min"
+    return f"{minutes / 60:.1f} h"
+
+
+def data_summary(data_dir: str | None) -> str:
+    """Where the data comes from and which splits get evaluated (validation, and test when the data has it)."""
+    from prune_trainer.data.conll import DATA_DIR_ENV, HUB_DATASET, SPLIT_FILES, resolve_data_dir
+
+    try:
+        path = resolve_data_dir(data_dir)
+    except FileNotFoundError as err:
+        return f"data: ERROR {err}"
+    if path is None:
+        return f"data: hub dataset {HUB_DATASET} (train, validation, test: F1 on validation and test)"
+    source = "--data-dir" if data_dir else f"${DATA_DIR_ENV}"
+    has_test = (path / SPLIT_FILES["test"]).is_file()
+    splits = "F1 on validation and test" if has_test else "no test.txt: F1 on validation only"
+    return f"data: {path} ({source}; {splits})"
+
+
+def format_plan(steps: list[Step], plan_path: str | os.PathLike, results_dir: str | os.PathLike,
+                data_dir: str | None = None) -> str:
+    """The dry-run text: every step in order with its status, estimate and exact command."""
+    lines = [
+        f"plan {plan_path}: {len(steps)} steps, results in {results_dir}/",
+        data_summary(data_dir),
+        "times: ESTIMATES for the embedded model on full CoNLL-2003 on the 2-core CPU machine (from each recipe's "
+        "epochs: ~8 min/epoch, ~10 with distillation; see the plan), not measurements",
+        "",
+    ]
+    width = max(len(s.name) for s in steps)
+    for i, step in enumerate(steps, 1):
+        if step.run:
+            status = step.status
+        elif not step.selected:
+            status = f"{step.status}, not selected (--only)"
+        else:
+            status = step.status
+        est = f"est. {_fmt_min(step.estimate_min)}" if step.run else ""
+        lines.append(f"{i:>2}. {step.name:<{width}}  {'RUN ' if step.run else 'skip'}  [{status}]  {est}".rstrip())
+        if step.detail:
+            lines.append(f"      {step.detail}")
+        if step.missing_inputs:
+            lines.append(f"      MISSING input: {', '.join(step.missing_inputs)}")
+        lines.append(f"      $ {step.display_command()}")
+    todo = [s for s in steps if s.run]
+    lines += ["", f"to run: {len(todo)} of {len(steps)} steps, estimated {_fmt_min(sum(s.estimate_min for s in todo))}"
+              f" on the 2-core CPU machine (estimate); {sum(s.status in ('done', 'up to date') for s in steps)} done"]
+    return "\n".join(lines)
+
+
+# ---- execution ----------------------------------------------------------------------------------------------
+def subprocess_executor(step: Step) -> int:
+    """Run the step's command in a child process (the default): its own memory peak, memory freed after."""
+    return subprocess.run(step.command(), check=False).returncode
+
+
+def in_process_executor(step: Step) -> int:
+    """Run the step's command in this process (tests, debugging): same arguments, no new interpreter."""
+    if step.module == CLI_MODULE:
+        from prune_trainer.cli import main
+    else:
+        from prune_trainer.oneshot.experiments import main
+    return int(main(list(step.argv)) or 0)
+
+
+def run_steps(steps: list[Step], executor: Executor = subprocess_executor, log: Callable[[str], None] = print) -> int:
+    """Run the steps marked ``run`` in order; stop at the first failure (exit code returned, 0 if all ran)."""
+    blocked = [f"{s.name}: {', '.join(s.missing_inputs)}" for s in steps if s.run and s.missing_inputs]
+    if blocked:
+        raise FileNotFoundError("missing inputs, nothing was run: " + "; ".join(blocked))
+    todo = [s for s in steps if s.run]
+    for n, step in enumerate(todo, 1):
+        log(f"==> [{n}/{len(todo)}] {step.name} ({step.status}; est. {_fmt_min(step.estimate_min)}): "
+            f"{step.display_command()}")
+        start = time.time()
+        rc = executor(step)
+        minutes = (time.time() - start) / 60
+        if rc != 0:
+            log(f"==> {step.name} FAILED (exit code {rc}) after {minutes:.1f} min. Run the same reproduce command "
+                "again: finished steps are skipped and this one resumes from its last checkpoint.")
+            return rc
+        log(f"==> {step.name} finished in {minutes:.1f} min")
+    if not todo:
+        log("nothing to run: every step is done")
+    return 0
+
+
+def reproduce(
+    plan_path: str | os.PathLike = DEFAULT_PLAN,
+    results_dir: str | os.PathLike = "results",
+    data_dir: str | None = None,
+    dry_run: bool = False,
+    only: list[str] | None = None,
+    epochs: float | None = None,
+    executor: Executor = subprocess_executor,
+    log: Callable[[str], None] = print,
+) -> int:
+    """Plan, print the plan, and (unless ``dry_run``) run what is not done yet; returns an exit code."""
+    steps = build_steps(plan_path, results_dir, data_dir, epochs, only)
+    log(format_plan(steps, plan_path, results_dir, data_dir))
+    if dry_run:
+        return 0
+    from prune_trainer.data.conll import resolve_data_dir
+
+    if any(s.run and s.kind in ("recipe", "oneshot") for s in steps):
+        resolve_data_dir(data_dir)  # a bad data directory fails before anything runs
+    log("")
+    return run_steps(steps, executor, log)

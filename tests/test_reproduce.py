@@ -1,0 +1,214 @@
+"""`prune-trainer reproduce`: plan order and statuses, skipping finished steps, a tiny end-to-end run, resuming."""
+
+import json
+import os
+
+import pytest
+import yaml
+from helpers import tiny_bert, tiny_tokenizer, write_conll_dir
+
+from prune_trainer.cli import main
+from prune_trainer.oneshot.experiments import setting_key
+from prune_trainer.recipes.reproduce import build_steps, in_process_executor, reproduce
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAINING = {"max_steps": 4, "per_device_train_batch_size": 8, "learning_rate": 5e-3, "logging_steps": 2,
+            "eval_strategy": "no", "save_steps": 2, "save_total_limit": 2, "use_cpu": True, "disable_tqdm": True,
+            "report_to": "none"}
+PRUNING = {"method": "magnitude", "schedule": {"final_sparsity": 0.5, "start_step": 0, "end_step": 2, "frequency": 1}}
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path):
+    path = tmp_path / "tiny-model"
+    tiny_bert().save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+def _write_plan(tmp_path, model_dir, steps=None):
+    """recipes/tiny_dense.yaml, recipes/tiny_pruned.yaml (from tiny_dense's model) and a plan over them."""
+    recipes = tmp_path / "recipes"
+    recipes.mkdir(exist_ok=True)
+    base = {"model": str(model_dir), "data": {"max_length": 32}, "training": TRAINING}
+    (recipes / "tiny_dense.yaml").write_text(yaml.safe_dump({"name": "tiny_dense", **base, "pruning": None}))
+    (recipes / "tiny_pruned.yaml").write_text(yaml.safe_dump(
+        {"name": "tiny_pruned", **base, "init_from": "results/tiny_dense/model", "pruning": PRUNING}))
+    plan = recipes / "plan.yaml"
+    steps = steps or [{"recipe": "tiny_dense.yaml"}, {"recipe": "tiny_pruned.yaml"}]
+    plan.write_text(yaml.safe_dump({"estimates": {"min_per_epoch": 8, "train_sentences": 32}, "steps": steps}))
+    return plan
+
+
+FULL_STEPS = [
+    {"recipe": "tiny_dense.yaml"},
+    {"name": "oneshot_wanda", "oneshot": {"method": "wanda", "model_from": "tiny_dense", "levels": [0.5, "2:4"],
+                                          "owl": "both", "calib": 16}},
+    {"name": "oneshot_table", "oneshot_table": {"md": "oneshot_table.md", "calib": 16}},
+    {"recipe": "tiny_pruned.yaml"},
+    {"name": "tiny_pruned_80", "recipe": "tiny_pruned.yaml", "set": ["pruning.schedule.final_sparsity=0.8"]},
+    {"name": "report", "report": {}},
+]
+
+
+def _metrics(results, name, **extra):
+    (results / name).mkdir(parents=True, exist_ok=True)
+    (results / name / "metrics.json").write_text(json.dumps({"name": name, "eval_f1": 0.5, **extra}))
+
+
+def _fake_model(results, name):
+    (results / name / "model").mkdir(parents=True, exist_ok=True)
+    (results / name / "model" / "config.json").write_text("{}")
+    (results / name / "model" / "model.safetensors").write_text("")
+
+
+def _snapshot(root):
+    return sorted((str(p.relative_to(root)), p.stat().st_mtime_ns) for p in root.rglob("*"))
+
+
+def test_dry_run_order_statuses_and_commands(tmp_path, tiny_model_dir, capsys):
+    plan = _write_plan(tmp_path, tiny_model_dir, FULL_STEPS)
+    results = tmp_path / "results"
+    _metrics(results, "tiny_dense")  # metrics but no weights (a fresh clone): dense must train again
+    (results / "tiny_pruned" / "checkpoints" / "checkpoint-2").mkdir(parents=True)  # interrupted mid-way
+    (results / "oneshot_results_b.json").write_text(json.dumps(
+        {"dense": {}, setting_key("wanda", "0.5", False, 16): {"prune_time_s": 1.0}}))
+    data = write_conll_dir(tmp_path / "conll", n_train=4, n_valid=2)  # no test.txt
+    before = _snapshot(tmp_path)
+
+    argv = ["reproduce", "--plan", str(plan), "--results-dir", str(results), "--data-dir", str(data), "--dry-run"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert _snapshot(tmp_path) == before  # a dry run writes nothing
+
+    order = [line.split(".", 1)[1].split()[0] for line in out.splitlines() if line[:3].strip().rstrip(".").isdigit()]
+    assert order == ["tiny_dense", "oneshot_wanda", "oneshot_table", "tiny_pruned", "tiny_pruned_80", "report"]
+    steps = {s.name: s for s in build_steps(plan, results, str(data))}
+    assert {n: (s.status, s.run) for n, s in steps.items()} == {
+        "tiny_dense": ("re-run", True),
+        "oneshot_wanda": ("resumable", True),
+        "oneshot_table": ("to run", True),
+        "tiny_pruned": ("resumable", True),
+        "tiny_pruned_80": ("to run", True),
+        "report": ("to run", True),
+    }
+    assert "weights" in steps["tiny_dense"].detail and "trains tiny_dense again" in steps["tiny_dense"].detail
+    assert "1/3 settings" in steps["oneshot_wanda"].detail
+    assert "checkpoint-2" in steps["tiny_pruned"].detail
+    # Exact commands: the dependent model is rewritten to this results dir, variants get their name.
+    cmd = steps["tiny_pruned_80"].display_command()
+    assert (f"-m prune_trainer run {plan.parent / 'tiny_pruned.yaml'} --set pruning.schedule.final_sparsity=0.8 "
+            f"--name tiny_pruned_80 --set init_from={results / 'tiny_dense' / 'model'} --data-dir {data} "
+            f"--results-dir {results}") in cmd
+    grid = steps["oneshot_wanda"].display_command()
+    assert (f"-m prune_trainer.oneshot.experiments grid --model {results / 'tiny_dense' / 'model'} "
+            f"--out {results / 'oneshot_results.json'} --methods wanda --sparsities 0.5,2:4 --owl both --calib 16 "
+            f"--data-dir {data} --done {results / 'oneshot_results_b.json'}") in grid
+    assert f"table --json {results / 'oneshot_results.json'} {results / 'oneshot_results_b.json'}" in (
+        steps["oneshot_table"].display_command())
+    for line in (cmd, grid, "est. ", "ESTIMATES", "no test.txt: F1 on validation only"):
+        assert line in out
+    assert "to run: 6 of 6 steps" in out
+
+
+def test_only_pulls_in_missing_dependency_and_bad_order_is_an_error(tmp_path, tiny_model_dir):
+    plan = _write_plan(tmp_path, tiny_model_dir, FULL_STEPS)
+    results = tmp_path / "results"
+    _metrics(results, "tiny_dense")
+    steps = {s.name: s for s in build_steps(plan, results, only=["tiny_pruned_8*"])}
+    assert [n for n, s in steps.items() if s.run] == ["tiny_dense", "tiny_pruned_80"]
+    assert not steps["report"].selected and not steps["tiny_pruned"].run
+    _fake_model(results, "tiny_dense")  # weights present: dense stays done
+    steps = {s.name: s for s in build_steps(plan, results, only=["tiny_pruned_80"])}
+    assert [n for n, s in steps.items() if s.run] == ["tiny_pruned_80"]
+    assert steps["tiny_dense"].status == "done"
+    with pytest.raises(ValueError, match="matches no step"):
+        build_steps(plan, results, only=["nothing*"])
+    bad = _write_plan(tmp_path, tiny_model_dir, [{"recipe": "tiny_pruned.yaml"}, {"recipe": "tiny_dense.yaml"}])
+    with pytest.raises(ValueError, match="which comes later"):
+        build_steps(bad, results)
+
+
+def test_finished_steps_are_skipped(tmp_path, tiny_model_dir):
+    plan = _write_plan(tmp_path, tiny_model_dir, FULL_STEPS)
+    results = tmp_path / "results"
+    for name in ("tiny_dense", "tiny_pruned"):
+        _metrics(results, name, config={"training": {"max_steps": 4}})
+    _fake_model(results, "tiny_dense")
+    (results / "oneshot_results.json").write_text(json.dumps({
+        setting_key("wanda", lvl, owl, 16): {} for lvl, owl in (("0.5", False), ("0.5", True), ("2:4", False))}))
+    (results / "oneshot_table.md").write_text("table")
+    ran = []
+    executor = lambda step: ran.append(step.name) or 0  # noqa: E731
+    assert reproduce(plan, results, executor=executor, log=lambda _: None) == 0
+    assert ran == ["tiny_pruned_80", "report"]  # done steps skipped; the report follows what ran
+    steps = {s.name: s for s in build_steps(plan, results)}
+    assert steps["oneshot_wanda"].status == "done" and steps["oneshot_table"].status == "up to date"
+
+
+def test_tiny_end_to_end_second_run_runs_nothing_and_resumes(tmp_path, tiny_model_dir, capsys):
+    plan = _write_plan(tmp_path, tiny_model_dir)
+    results = tmp_path / "results"
+    data = write_conll_dir(tmp_path / "conll", n_train=32, n_valid=8, n_test=8)
+    args = (plan, results, str(data))
+
+    assert reproduce(*args, executor=in_process_executor) == 0
+    dense = json.loads((results / "tiny_dense" / "metrics.json").read_text())
+    pruned = json.loads((results / "tiny_pruned" / "metrics.json").read_text())
+    assert pruned["config"]["init_from"] == str(results / "tiny_dense" / "model")
+    assert abs(pruned["sparsity"] - 0.5) < 1e-3 and dense["sparsity"] == 0.0
+    assert "test_f1" in pruned  # every split the data has
+    assert pruned["peak_rss_mib"] > 10 and pruned["pruning_steps"] >= 1 and pruned["pruning_time_s"] > 0
+    assert dense["pruning_time_s"] == 0.0 and dense["resumed_from_step"] == 0
+
+    ran = []
+    executor = lambda step: ran.append(step.name) or 0  # noqa: E731
+    capsys.readouterr()
+    assert reproduce(*args, executor=executor) == 0
+    assert ran == [] and "nothing to run" in capsys.readouterr().out
+
+    # Interrupted after step 2: no metrics, last checkpoint-2. The next invocation resumes it (marker below
+    # survives only through the checkpoint's trainer_state.json) and runs nothing else.
+    ckpts = results / "tiny_pruned" / "checkpoints"
+    (results / "tiny_pruned" / "metrics.json").unlink()
+    for path in sorted((ckpts / "checkpoint-4").iterdir()):
+        path.unlink()
+    (ckpts / "checkpoint-4").rmdir()
+    state_path = ckpts / "checkpoint-2" / "trainer_state.json"
+    state = json.loads(state_path.read_text())
+    state["log_history"].append({"marker": "from-checkpoint-2", "step": 2})
+    state_path.write_text(json.dumps(state))
+    saved_pruning = json.loads((ckpts / "checkpoint-2" / "pruning_state.json").read_text())
+    statuses = {s.name: s.status for s in build_steps(*args)}
+    assert statuses == {"tiny_dense": "done", "tiny_pruned": "resumable"}
+
+    ran = []
+
+    def recording(step):
+        ran.append(step.name)
+        return in_process_executor(step)
+
+    assert reproduce(*args, executor=recording) == 0
+    assert ran == ["tiny_pruned"]
+    resumed = json.loads((results / "tiny_pruned" / "metrics.json").read_text())
+    assert {"marker": "from-checkpoint-2", "step": 2} in resumed["log_history"]
+    assert resumed["resumed_from_step"] == 2 and resumed["train_steps"] == 4
+    assert resumed["pruning_steps"] >= saved_pruning["pruning_steps"] >= 1  # carried over the resume
+    assert abs(resumed["sparsity"] - 0.5) < 1e-3
+
+
+def test_shipped_plan_parses_in_order():
+    steps = build_steps(os.path.join(ROOT, "recipes", "reproduce.yaml"), os.path.join(ROOT, "nonexistent-results"))
+    names = [s.name for s in steps]
+    assert names[0] == "dense" and names[-1] == "report"
+    assert names.index("oneshot_table") > max(names.index(f"oneshot_{m}") for m in ("magnitude", "wanda", "obs"))
+    for method in ("magnitude", "movement_hard", "movement_soft", "obert"):
+        assert all(f"{method}_{s}" in names for s in (80, 90, 95, 97))
+    assert all(s.run and s.status == "to run" for s in steps)
+    magnitude_80 = next(s for s in steps if s.name == "magnitude_80")
+    assert "--set pruning.schedule.final_sparsity=0.8 --name magnitude_80" in magnitude_80.display_command()
+    dense = steps[0]
+    assert dense.estimate_min == pytest.approx(3 * 8, rel=0.05)  # 3 epochs × ~8 min (estimate)
+    one_epoch = build_steps(os.path.join(ROOT, "recipes", "reproduce.yaml"), "nonexistent-results", epochs=1)
+    assert "--set training.num_train_epochs=1 " in one_epoch[0].display_command()
+    assert one_epoch[0].estimate_min == pytest.approx(8, rel=0.05)
