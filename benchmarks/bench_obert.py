@@ -36,6 +36,7 @@ from prune_trainer.methods.obert.fisher import BlockFisherInverse, fisher_invers
 from prune_trainer.methods.obert.sampler import GradientSampler, model_loss
 from prune_trainer.methods.obert.update import obs_scores, obs_update
 from prune_trainer.models import load_model_and_tokenizer
+from prune_trainer.oneshot.evaluation import evaluate_f1
 
 
 def peak_rss() -> int:
@@ -50,6 +51,7 @@ def load_data(tokenizer, n: int, max_length: int):
         splits = load_conll_splits()
         train, valid = splits["train"], splits["validation"]
         source = "CoNLL-2003"
+        raw_valid = valid
     except Exception as err:  # no local data and no hub: random words, for timing only
         print(f"(no CoNLL data: {err}; using random word sequences)")
         rng = random.Random(0)
@@ -64,10 +66,12 @@ def load_data(tokenizer, n: int, max_length: int):
             return out
 
         train, valid, source = fake(n), fake(n), "random"
+        raw_valid = None
     return (
         tokenize_and_align(train, tokenizer, max_length, n),
         tokenize_and_align(valid, tokenizer, max_length, n),
         source,
+        raw_valid,
     )
 
 
@@ -93,7 +97,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--skip-woodbury", action="store_true", help="skip the (slower on CPU) Woodbury timing")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--eval-f1", action="store_true",
+                   help="also the full-validation entity F1 after the one-shot step, per update mode (CoNLL only)")
+    p.add_argument("--out", default=None, help="write <out>.json and <out>.md with the measurements")
     a = p.parse_args(argv)
+    record: dict = {"command": " ".join(["python", *sys.argv]), "git_commit": git_commit(), "args": vars(a)}
     if a.threads:
         torch.set_num_threads(a.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -101,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     model.to(device)
     layers = inject_masked_layers(model)
     names = list(layers)[: a.max_layers] if a.max_layers else list(layers)
-    train, valid, source = load_data(tok, a.samples, a.max_length)
+    train, valid, source, raw_valid = load_data(tok, a.samples, a.max_length)
     coll = DataCollatorForTokenClassification(tok)
     sampler = GradientSampler(train, coll, a.grad_batch_size, seed=0)
     eval_sampler = GradientSampler(valid, coll, 16, seed=1)
@@ -120,6 +128,8 @@ def main(argv: list[str] | None = None) -> int:
             buf.append(g)
     t_collect = time.perf_counter() - t
     grads = [torch.stack(g) for g in grads]
+    record.update(device=f"{device} ({torch.get_num_threads()} threads)", data=source, layers=len(names), d=d,
+                  fisher_bytes=fbytes, collect_s=t_collect)
     print(f"\n[collect] {t_collect:.2f} s for {a.num_grads} gradients = {t_collect / a.num_grads:.3f} s/gradient")
 
     # 2. Fisher inverse: Woodbury vs direct, same gradients, one layer at a time (peak = one layer's blocks)
@@ -141,6 +151,8 @@ def main(argv: list[str] | None = None) -> int:
             ref, other = built["direct"].blocks, built["woodbury"].blocks
             worst = max(worst, float((other - ref).abs().max() / ref.abs().max()))
         finvs[n] = built["direct"]
+    record.update(fisher_direct_s=times["direct"], fisher_woodbury_s=None if a.skip_woodbury else times["woodbury"],
+                  fisher_max_rel_diff=None if a.skip_woodbury else worst)
     print(f"[fisher] direct {times['direct']:.2f} s" + (
         "" if a.skip_woodbury else
         f" | woodbury {times['woodbury']:.2f} s | woodbury/direct = {times['woodbury'] / times['direct']:.2f}x"
@@ -157,21 +169,33 @@ def main(argv: list[str] | None = None) -> int:
         t = time.perf_counter()
         new_w[mode] = {n: obs_update(layers[n].weight, ~masks[n], finvs[n], mode) for n in names}
         t_upd[mode] = time.perf_counter() - t
+    record.update(score_s=t_score, update_summed_s=t_upd["summed"], update_joint_s=t_upd["joint"])
     print(f"[score] {t_score:.2f} s | [update] summed {t_upd['summed']:.2f} s, joint {t_upd['joint']:.2f} s "
           f"(joint/summed = {t_upd['joint'] / max(t_upd['summed'], 1e-9):.2f}x)")
 
     # 4. held-out loss after the one-shot step, per update mode
     base = heldout_loss(model, eval_sampler, a.eval_batches)
     line = [f"dense {base:.4f}"]
+    record["heldout_loss"] = {"dense": base}
+    f1s: dict[str, float] = {}
+    if a.eval_f1 and raw_valid is not None:
+        f1s["dense"] = evaluate_f1(model, tok, raw_valid, max_length=a.max_length)["f1"]
     for mode, ws in new_w.items():
         m = copy.deepcopy(model)
         ml = {k: v for k, v in m.named_modules() if k in ws}
         with torch.no_grad():
             for n, w in ws.items():
-                ml[n].weight.copy_(w)
-        line.append(f"{mode} {heldout_loss(m, eval_sampler, a.eval_batches):.4f}")
+                ml[n].weight.copy_(w * masks[n])  # pruned weights exactly zero in every mode
+        record["heldout_loss"][mode] = heldout_loss(m, eval_sampler, a.eval_batches)
+        line.append(f"{mode} {record['heldout_loss'][mode]:.4f}")
+        if a.eval_f1 and raw_valid is not None:
+            f1s[mode] = evaluate_f1(m, tok, raw_valid, max_length=a.max_length)["f1"]
         del m
     print(f"[loss @ {a.sparsity:.0%} one-shot, {a.eval_batches} held-out batches] " + " | ".join(line))
+    if f1s:
+        record["validation_f1"] = f1s
+        print(f"[validation F1 @ {a.sparsity:.0%} one-shot, no fine-tuning] "
+              + " | ".join(f"{k} {v:.4f}" for k, v in f1s.items()))
     del finvs, new_w
 
     # 5. one full callback step (collect → Fisher → score → joint update), all target layers at once
@@ -190,7 +214,65 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cuda":
         print(f"[memory] peak GPU allocated {format_bytes(torch.cuda.max_memory_allocated())}")
     print(f"[memory] peak RSS of this process {format_bytes(peak_rss())}")
+    record.update(prune_step={"total_s": total, **{k: s[k] for k in ("collect_s", "fisher_s", "score_s", "update_s")}},
+                  peak_rss_bytes=peak_rss())
+    if a.out:
+        write_record(record, a.out)
     return 0
+
+
+def git_commit() -> str:
+    """HEAD of the checkout this runs from (``unknown`` outside git)."""
+    import subprocess
+
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def write_record(record: dict, out: str) -> None:
+    """``<out>.json`` (everything) and ``<out>.md`` (the side-by-side table)."""
+    import json
+    from pathlib import Path
+
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.with_suffix(".json").write_text(json.dumps(record, indent=2, default=str) + "\n")
+    a = record["args"]
+    rows = [
+        f"# One oBERT pruning step on `{a['model']}` ({record['data']}, {record['device']})",
+        "",
+        f"{record['layers']} target layers, d = {record['d']:,} weights, B = {a['block_size']}, m = {a['num_grads']} "
+        f"gradients of {a['grad_batch_size']} sentences, one-shot to {a['sparsity']:.0%} (global), no fine-tuning.",
+        "",
+        "| part | seconds |",
+        "|---|---|",
+        f"| gradient collection (m gradients) | {record['collect_s']:.2f} |",
+        f"| Fisher inverse, direct (Σ GᵀG + batched Cholesky inverse) | {record['fisher_direct_s']:.2f} |",
+    ]
+    if record.get("fisher_woodbury_s") is not None:
+        rows.append(f"| Fisher inverse, Woodbury (rank-1 per gradient) | {record['fisher_woodbury_s']:.2f} |")
+    rows += [
+        f"| scores + global mask | {record['score_s']:.2f} |",
+        f"| OBS update, summed single-weight form | {record['update_summed_s']:.2f} |",
+        f"| OBS update, joint per-block solve | {record['update_joint_s']:.2f} |",
+        f"| callback `prune_step` total (collect → Fisher → score → joint update) "
+        f"| {record['prune_step']['total_s']:.2f} |",
+        "",
+        f"Peak RSS of the process: {record['peak_rss_bytes'] / 2**30:.2f} GiB.",
+    ]
+    if record.get("fisher_max_rel_diff") is not None:
+        rows.append(f"Woodbury vs direct: max |ΔF⁻¹| / max |F⁻¹| = {record['fisher_max_rel_diff']:.1e}.")
+    has_f1 = "validation_f1" in record
+    rows += ["", "| weights after the step | held-out loss |" + (" validation F1 |" if has_f1 else ""),
+             "|---|---|" + ("---|" if has_f1 else "")]
+    for mode, loss in record["heldout_loss"].items():
+        f1 = record.get("validation_f1", {}).get(mode)
+        rows.append(f"| {mode} | {loss:.4f} |" + (f" {f1:.4f} |" if f1 is not None else ""))
+    rows += ["", f"Command: `{record['command']}`  ", f"git commit: `{record['git_commit']}`", ""]
+    path.with_suffix(".md").write_text("\n".join(rows))
+    print(f"wrote {path.with_suffix('.json')} and {path.with_suffix('.md')}")
 
 
 if __name__ == "__main__":
