@@ -1,7 +1,14 @@
 import json
 
 from prune_trainer.cli import main
-from prune_trainer.reporting import cost_table, load_oneshot_results, load_runs, oneshot_cost_table, results_table
+from prune_trainer.reporting import (
+    cost_table,
+    load_oneshot_results,
+    load_runs,
+    method_sparsity_table,
+    oneshot_cost_table,
+    results_table,
+)
 
 
 def _write(root, name, f1, sparsity, method=None):
@@ -60,3 +67,30 @@ def test_cost_table_with_and_without_the_new_keys(tmp_path):
         "| wanda | 256 | 1 | 5.0 s (5.0–5.0) | 0.5 s |",
         "| wanda | 1024 | 3 | 20.0 s (10.0–30.0) | 1.5 s |",
     ]
+
+
+def test_method_sparsity_table_pivots_runs_and_oneshot(tmp_path):
+    _write(tmp_path, "dense", 0.9, 0.0)
+    _write(tmp_path, "magnitude_90", 0.81, 0.9, "magnitude")
+    _write(tmp_path, "obert_80", 0.855, 0.8, "obert")
+    nm = tmp_path / "nm_2_4_wanda"
+    nm.mkdir()
+    (nm / "metrics.json").write_text(json.dumps({
+        "name": "nm_2_4_wanda", "eval_f1": 0.88, "sparsity": 0.5,
+        "config": {"training": {"num_train_epochs": 1},
+                   "pruning": {"method": "nm", "schedule": {"pattern": "2:4"}, "method_kwargs": {"score": "wanda"}}},
+    }))
+    oneshot = {
+        "sparsegpt|0.8|uniform|n1024|s0": {"eval_f1": 0.6},
+        "sparsegpt|0.8|owl|n1024|s0": {"eval_f1": 0.7},
+        "sparsegpt|0.8|uniform|n4096|s0": {"eval_f1": 0.65},  # other calibration size: not in the table
+    }
+    table = method_sparsity_table(load_runs(tmp_path), oneshot).splitlines()
+    assert table[0] == "| method | 80% | 90% | 2:4 |"
+    assert "| magnitude | – | 0.8100 (90.0%, 3 ep) | – |" in table
+    assert "| obert | 0.8550 (95.0%, 3 ep) | – | – |" in table
+    assert "| nm (wanda) | – | – | 0.8800 (97.8%, 1 ep) |" in table
+    assert "| one-shot sparsegpt | 0.6000 | – | – |" in table
+    assert "| one-shot sparsegpt + OWL | 0.7000 | – | – |" in table
+    assert not any("0.6500" in line for line in table)
+    assert table[-1].startswith("| one-shot")  # training-time methods first

@@ -67,6 +67,61 @@ def results_table(runs: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _level(run: dict[str, Any]) -> str:
+    """Column of the method × sparsity table: the N:M pattern, else the reached sparsity in percent."""
+    pruning = (run.get("config") or {}).get("pruning") or {}
+    pattern = (pruning.get("schedule") or {}).get("pattern")
+    if pattern and pattern != "unstructured":
+        return str(pattern)
+    return f"{round(100 * float(run.get('sparsity', 0.0)))}%"
+
+
+def _row_label(run: dict[str, Any]) -> str:
+    """Row of the method × sparsity table: the method, with the N:M score (and a dynamic mask) spelled out."""
+    pruning = (run.get("config") or {}).get("pruning") or {}
+    kwargs = pruning.get("method_kwargs") or {}
+    label = _method(run)
+    if pruning.get("method") == "nm":
+        label = f"nm ({kwargs.get('score', 'magnitude')}{', ' + kwargs['dynamic'] if kwargs.get('dynamic') else ''})"
+    return label
+
+
+def _level_key(level: str) -> tuple[int, float]:
+    return (1, 0.0) if ":" in level else (0, float(level.rstrip("%")))
+
+
+def method_sparsity_table(runs: list[dict[str, Any]], oneshot: dict[str, dict[str, Any]] | None = None,
+                          calib: int = 1024) -> str:
+    """Markdown pivot: one row per method, one column per sparsity level (or N:M pattern); a cell is
+    ``F1 (% of dense, epochs)`` of the run at that level (several runs: one per line), one-shot rows
+    (``oneshot_results*.json`` at ``calib`` sentences, uniform and OWL) without training."""
+    dense = next((r for r in runs if r["name"] == "dense"), None)
+    cells: dict[str, dict[str, list[str]]] = {}
+    for run in runs:
+        if run["name"] == "dense":
+            continue
+        rel = f"{100 * run['eval_f1'] / dense['eval_f1']:.1f}%, " if dense else ""
+        cells.setdefault(_row_label(run), {}).setdefault(_level(run), []).append(
+            f"{run['eval_f1']:.4f} ({rel}{_epochs(run)} ep)")
+    for key, res in sorted((oneshot or {}).items()):
+        parts = key.split("|")
+        if len(parts) < 4 or parts[3] != f"n{calib}" or "eval_f1" not in res:
+            continue
+        method, level, dist = parts[0], parts[1], parts[2]
+        level = level if ":" in level else f"{round(100 * float(level))}%"
+        label = f"one-shot {method}" + (" + OWL" if dist == "owl" else "")
+        cells.setdefault(label, {}).setdefault(level, []).append(f"{res['eval_f1']:.4f}")
+    levels = sorted({lv for row in cells.values() for lv in row}, key=_level_key)
+    lines = [
+        "| method | " + " | ".join(levels) + " |",
+        "|---|" + "---|" * len(levels),
+    ]
+    for label in sorted(cells, key=lambda x: (x.startswith("one-shot"), x)):
+        row = cells[label]
+        lines.append(f"| {label} | " + " | ".join("<br>".join(row.get(lv, ["–"])) for lv in levels) + " |")
+    return "\n".join(lines)
+
+
 def _train_runtime(run: dict[str, Any]) -> float | None:
     """Seconds the Trainer spent in ``train()`` (its ``train_runtime`` log entry), None if not logged."""
     for row in reversed(run.get("log_history") or []):
@@ -208,6 +263,14 @@ def write_report(results_dir: str | Path = "results") -> Path:
         "Sparsity: fraction of zeros over the pruned encoder Linear weights, measured on the exported model.",
         "",
         results_table(runs),
+        "",
+        "## Methods × sparsity",
+        "",
+        "Validation F1 of each training-time run (% of the dense F1, epochs) at the sparsity it reached, and the "
+        "one-shot settings (no training; 1024 calibration sentences; uniform or OWL layer-wise sparsity) from "
+        "`oneshot_results*.json`. `–`: not run.",
+        "",
+        method_sparsity_table(runs, load_oneshot_results(results_dir)),
         "",
     ]
     for plot in plots:
