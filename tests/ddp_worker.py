@@ -1,8 +1,9 @@
-"""Run by `torchrun --nproc_per_node 2` from test_ddp.py: magnitude pruning under DDP (gloo, CPU).
+"""Run by `torchrun --nproc_per_node 2` from test_ddp.py: pruning under DDP (gloo, CPU).
 
-Each rank saves its final masks and weights to ``<out>/rank<r>.pt``. Ranks start from different
-random weights on purpose: DDP broadcasts rank 0's parameters, and the pruning callback must then
-give every rank the same masks.
+``ddp_worker.py <out> [magnitude|movement]``. Each rank saves its final masks and weights (movement: also
+its scores just before training ends) to ``<out>/rank<r>.pt``. Ranks start from different random weights
+on purpose: DDP broadcasts rank 0's parameters, and the pruning callback must then give every rank the
+same masks (movement: the same scores, although each rank trains on its own data shard).
 """
 
 import os
@@ -13,18 +14,35 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from helpers import make_trainer, tiny_bert  # noqa: E402
+from transformers import TrainerCallback  # noqa: E402
 
 from prune_trainer import MagnitudePruningCallback, PruningConfig, PruningSchedule  # noqa: E402
+from prune_trainer.callbacks.movement import MovementPruningCallback  # noqa: E402
 
 
-def main(out: str) -> None:
+class KeepScores(TrainerCallback):
+    """Copies the movement scores after every step (``on_train_end`` drops them)."""
+
+    def __init__(self, pruner: MovementPruningCallback) -> None:
+        self.pruner, self.scores = pruner, {}
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.scores = {n: layer.mask_scores.detach().clone() for n, layer in self.pruner.layers.items()}
+
+
+def main(out: str, method: str = "magnitude") -> None:
     torch.set_num_threads(1)
     rank = int(os.environ["RANK"])
     model = tiny_bert(seed=rank)
-    pruner = MagnitudePruningCallback(
-        model, PruningConfig(schedule=PruningSchedule(final_sparsity=0.7, start_step=1, end_step=6, frequency=2))
-    )
-    trainer = make_trainer(Path(out) / "trainer", model, [pruner], max_steps=8, ddp_backend="gloo",
+    schedule = PruningSchedule(final_sparsity=0.7, start_step=1, end_step=6, frequency=2)
+    if method == "movement":
+        pruner = MovementPruningCallback(model, PruningConfig(method="movement", schedule=schedule),
+                                         variant="hard", score_lr=0.1)
+        callbacks = [pruner, KeepScores(pruner)]
+    else:
+        pruner = MagnitudePruningCallback(model, PruningConfig(schedule=schedule))
+        callbacks = [pruner]
+    trainer = make_trainer(Path(out) / "trainer", model, callbacks, max_steps=8, ddp_backend="gloo",
                            per_device_train_batch_size=4)
     trainer.train()
     torch.save(
@@ -32,10 +50,11 @@ def main(out: str) -> None:
             "world_size": trainer.args.world_size,
             "masks": {n: layer.weight_mask.clone() for n, layer in pruner.layers.items()},
             "weights": {n: layer.weight.detach().clone() for n, layer in pruner.layers.items()},
+            "scores": callbacks[-1].scores if method == "movement" else {},
         },
         Path(out) / f"rank{rank}.pt",
     )
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(*sys.argv[1:3])

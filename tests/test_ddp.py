@@ -12,10 +12,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_torchrun(script: Path, out: Path, nproc: int = 2) -> None:
+def run_torchrun(script: Path, out: Path, nproc: int = 2, *extra: str) -> None:
     cmd = [
         sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
-        f"--master_port={_free_port()}", str(script), str(out),
+        f"--master_port={_free_port()}", str(script), str(out), *extra,
     ]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -32,3 +32,19 @@ def test_magnitude_masks_identical_on_every_rank(tmp_path):
     kept = sum(int(m.sum()) for m in r0["masks"].values())
     total = sum(m.numel() for m in r0["masks"].values())
     assert abs((1 - kept / total) - 0.7) < 1e-3
+
+
+def test_movement_scores_and_masks_identical_on_every_rank(tmp_path):
+    """DDP does not average the score gradients (the scores join the optimizer after wrapping); the callback
+    must, so the scores stay identical although each rank trains on its own data shard."""
+    run_torchrun(Path(__file__).parent / "ddp_worker.py", tmp_path, 2, "movement")
+    r0 = torch.load(tmp_path / "rank0.pt")
+    r1 = torch.load(tmp_path / "rank1.pt")
+    assert r0["world_size"] == 2 and r0["scores"]
+    moved = 0.0
+    for name in r0["scores"]:
+        torch.testing.assert_close(r0["scores"][name], r1["scores"][name], rtol=1e-5, atol=1e-7)
+        moved = max(moved, float(r0["scores"][name].abs().max()))
+        assert torch.equal(r0["masks"][name], r1["masks"][name]), name
+        torch.testing.assert_close(r0["weights"][name], r1["weights"][name])
+    assert moved > 0  # the scores did train

@@ -19,6 +19,8 @@ Math in `prune_trainer.methods.movement` (Sanh et al. 2020). What the callback a
   ``on_train_begin``, so the Trainer's own groups never contain them; ``on_train_begin`` then adds the
   group, and appends ``score_lr`` / group 0's multiplier to the Trainer's ``LambdaLR`` (``base_lrs``,
   ``lr_lambdas``), so the Trainer's warm-up and decay apply to the scores: ``lr_S(t) = score_lr · λ(t)``.
+  Under DDP the score gradients are averaged over ranks in ``on_pre_optimizer_step`` (DDP's reducer
+  does not know the scores), so every rank keeps identical scores.
   Resume: the optimizer's ``state_dict`` (what the Trainer saves) leaves the score group out, so
   ``optimizer.pt`` matches the layout the Trainer builds and loads before ``on_train_begin``; the
   score group's Adam state is saved next to it (``movement_optimizer.pt``) and restored here.
@@ -209,6 +211,26 @@ class MovementPruningCallback(PruningCallback):
             if zero_weights:
                 layer.apply_mask()
 
+    def average_score_grads(self) -> None:
+        """Under torch.distributed, replace each score gradient by its mean over ranks (one all-reduce).
+
+        The scores are frozen when the Trainer wraps the model in DDP, so DDP's reducer does not average their
+        gradients; without this every rank's scores would follow only its own data shard.
+        """
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return
+        world = torch.distributed.get_world_size()
+        grads = [p.grad for p in self.score_params() if p.grad is not None]
+        if world <= 1 or not grads:
+            return
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        torch.distributed.all_reduce(flat)
+        flat.div_(world)
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset : offset + g.numel()].view_as(g))
+            offset += g.numel()
+
     def penalty(self) -> torch.Tensor:
         """``λ_t · mean_l mean(σ(S_l))`` (soft; 0 for hard or before pruning starts)."""
         scores = self.score_params()
@@ -356,7 +378,9 @@ class MovementPruningCallback(PruningCallback):
         pass  # masks are refreshed after every optimizer step (on_step_end) and at train begin
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        pass  # ∂L/∂W is already 0 for masked weights (W ⊙ M in the forward)
+        # ∂L/∂W is already 0 for masked weights (W ⊙ M in the forward); the scores' gradients are averaged
+        # over ranks here because DDP does not see them (frozen when the Trainer wrapped the model).
+        self.average_score_grads()
 
     def on_optimizer_step(self, args, state, control, **kwargs):
         pass  # pruned weights are not zeroed while scores can still bring them back
