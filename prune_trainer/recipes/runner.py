@@ -227,7 +227,7 @@ def run_recipe(recipe: dict[str, Any], results_root: str | os.PathLike = "result
             "train_steps": trainer.state.global_step,
             "resumed_from_step": resumed_from or 0,
             "wall_time_s": round(wall, 1),
-            "pruning_time_s": round(pruner.pruning_time_s, 2) if pruner is not None else 0.0,
+            "pruning_time_s": round(pruner.pruning_time_s, 6) if pruner is not None else 0.0,
             "pruning_steps": pruner.pruning_steps if pruner is not None else 0,
             "peak_rss_mib": peak_rss_mib(),
             "git_commit": commit,
