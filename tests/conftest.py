@@ -32,6 +32,15 @@ def model():
 
 
 @pytest.fixture
+def tiny_model_dir(tmp_path):
+    """A tiny BERT + tokenizer saved as a model directory (for recipes' ``model:``)."""
+    path = tmp_path / "tiny-model"
+    tiny_bert().save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.fixture
 def conll_dir(tmp_path):
     return write_conll_dir(tmp_path / "conll")
 

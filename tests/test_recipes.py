@@ -3,20 +3,11 @@ import os
 
 import pytest
 import yaml
-from helpers import tiny_bert, tiny_tokenizer
 
 from prune_trainer.cli import main
 from prune_trainer.recipes.runner import load_recipe
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture
-def tiny_model_dir(tmp_path):
-    path = tmp_path / "tiny-model"
-    tiny_bert().save_pretrained(path)
-    tiny_tokenizer().save_pretrained(path)
-    return path
 
 
 def _recipe(tmp_path, **pruning):

@@ -5,7 +5,7 @@ import os
 
 import pytest
 import yaml
-from helpers import tiny_bert, tiny_tokenizer, write_conll_dir
+from helpers import write_conll_dir
 
 from prune_trainer.cli import main
 from prune_trainer.oneshot.experiments import setting_key
@@ -16,14 +16,6 @@ TRAINING = {"max_steps": 4, "per_device_train_batch_size": 8, "learning_rate": 5
             "eval_strategy": "no", "save_steps": 2, "save_total_limit": 2, "use_cpu": True, "disable_tqdm": True,
             "report_to": "none"}
 PRUNING = {"method": "magnitude", "schedule": {"final_sparsity": 0.5, "start_step": 0, "end_step": 2, "frequency": 1}}
-
-
-@pytest.fixture
-def tiny_model_dir(tmp_path):
-    path = tmp_path / "tiny-model"
-    tiny_bert().save_pretrained(path)
-    tiny_tokenizer().save_pretrained(path)
-    return path
 
 
 def _write_plan(tmp_path, model_dir, steps=None):
