@@ -37,6 +37,7 @@ from prune_trainer.methods.obert.sampler import GradientSampler, model_loss
 from prune_trainer.methods.obert.update import obs_scores, obs_update
 from prune_trainer.models import load_model_and_tokenizer
 from prune_trainer.oneshot.evaluation import evaluate_f1
+from prune_trainer.recipes.runner import git_commit
 
 
 def peak_rss() -> int:
@@ -219,16 +220,6 @@ def main(argv: list[str] | None = None) -> int:
     if a.out:
         write_record(record, a.out)
     return 0
-
-
-def git_commit() -> str:
-    """HEAD of the checkout this runs from (``unknown`` outside git)."""
-    import subprocess
-
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def write_record(record: dict, out: str) -> None:
