@@ -72,3 +72,29 @@ def test_unknown_recipe_key_is_an_error(tmp_path):
     path.write_text("name: x\ntrainig: {}\n")
     with pytest.raises(ValueError, match="unknown key"):
         load_recipe(path)
+
+
+def test_factorize_embeddings_trains_low_rank_and_exports_a_plain_bert(tmp_path, tiny_model_dir, conll_dir):
+    import torch
+    from transformers import AutoModelForTokenClassification
+
+    path = _recipe(tmp_path)
+    rc = main(["run", str(path), "--model", str(tiny_model_dir), "--data-dir", str(conll_dir),
+               "--results-dir", str(tmp_path / "results"), "--set", "factorize_embeddings=4"])
+    assert rc == 0
+    out_dir = tmp_path / "results" / "tiny_magnitude"
+    assert json.loads((out_dir / "metrics.json").read_text())["config"]["factorize_embeddings"] == 4
+    model = AutoModelForTokenClassification.from_pretrained(out_dir / "model")  # plain BERT keys, no inner/proj
+    emb = model.get_input_embeddings()
+    assert type(emb) is torch.nn.Embedding
+    assert int(torch.linalg.matrix_rank(emb.weight.detach().double(), rtol=1e-5)) <= 4  # float32 round-off
+
+
+@pytest.mark.parametrize("rank", ["two", 0, True])
+def test_bad_factorize_embeddings_rank_is_a_clear_error(tmp_path, tiny_model_dir, conll_dir, capsys, rank):
+    path = _recipe(tmp_path)
+    rc = main(["run", str(path), "--model", str(tiny_model_dir), "--data-dir", str(conll_dir),
+               "--results-dir", str(tmp_path / "results"), "--set", f"factorize_embeddings={str(rank).lower()}"])
+    assert rc == 2
+    assert "rank" in capsys.readouterr().err
+    assert not (tmp_path / "results").exists()

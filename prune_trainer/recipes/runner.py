@@ -1,8 +1,9 @@
 """Recipe runner: YAML recipe → fine-tune (with or without pruning) → export → ``results/<name>/``.
 
 A recipe has the keys ``name``, ``model``, ``init_from``, ``data``, ``training`` (any
-`TrainingArguments` field), ``pruning`` (a `PruningConfig`, or null for dense) and
-``output_dir``. ``--set a.b=value`` overrides any key (value parsed as YAML).
+`TrainingArguments` field), ``pruning`` (a `PruningConfig`, or null for dense), ``output_dir`` and
+``factorize_embeddings`` (a rank r: train with the word embeddings replaced by their rank-r SVD factors
+``A B``, deep-dive §5.1; the exported checkpoint holds the plain product, loadable as a standard BERT). ``--set a.b=value`` overrides any key (value parsed as YAML).
 
 Besides F1 and sparsity, ``metrics.json`` records the run's costs: ``wall_time_s``, ``peak_rss_mib`` (peak
 resident memory of the process, from ``getrusage``), ``pruning_time_s`` / ``pruning_steps`` (time spent in the
@@ -26,6 +27,7 @@ from prune_trainer.masking.selection import check_sparsity
 
 RECIPE_KEYS = {
     "name", "model", "init_from", "data", "training", "pruning", "output_dir", "description", "distillation",
+    "factorize_embeddings",
 }
 DATA_KEYS = {"data_dir", "hub_dataset", "max_length", "max_train_samples", "max_eval_samples"}
 
@@ -149,6 +151,7 @@ def run_recipe(recipe: dict[str, Any], results_root: str | os.PathLike = "result
     )
     from prune_trainer.export import export_pruned_model
     from prune_trainer.models import load_model_and_tokenizer
+    from prune_trainer.oneshot.embedding_factorization import factorize_word_embeddings, merge_word_embeddings
 
     start = time.time()
     commit = git_commit()  # the code that runs is the code checked out now
@@ -163,6 +166,11 @@ def run_recipe(recipe: dict[str, Any], results_root: str | os.PathLike = "result
     splits = load_conll_splits(data_cfg.get("data_dir"), data_cfg.get("hub_dataset", "eriktks/conll2003"))
     model_src = recipe.get("init_from") or recipe.get("model")
     model, tokenizer = load_model_and_tokenizer(model_src)
+    embedding_rank = recipe.get("factorize_embeddings")
+    if embedding_rank is not None:
+        if isinstance(embedding_rank, bool) or not isinstance(embedding_rank, int):
+            raise ValueError(f"factorize_embeddings must be an integer rank, got {embedding_rank!r}")
+        factorize_word_embeddings(model, embedding_rank)
     max_length = int(data_cfg.get("max_length", 128))
     train_ds = tokenize_and_align(splits["train"], tokenizer, max_length, data_cfg.get("max_train_samples"))
     eval_sets = {
@@ -210,6 +218,8 @@ def run_recipe(recipe: dict[str, Any], results_root: str | os.PathLike = "result
         res = trainer.evaluate(ds, metric_key_prefix=prefix)
         metrics.update({k: v for k, v in res.items() if k.startswith(prefix + "_")})
 
+    if embedding_rank is not None:
+        merge_word_embeddings(model)  # plain nn.Embedding holding A B: a standard checkpoint
     report = export_pruned_model(
         model,
         out_dir / "model",
