@@ -3,7 +3,8 @@
 A recipe has the keys ``name``, ``model``, ``init_from``, ``data``, ``training`` (any
 `TrainingArguments` field), ``pruning`` (a `PruningConfig`, or null for dense), ``output_dir`` and
 ``factorize_embeddings`` (a rank r: train with the word embeddings replaced by their rank-r SVD factors
-``A B``, deep-dive §5.1; the exported checkpoint holds the plain product, loadable as a standard BERT). ``--set a.b=value`` overrides any key (value parsed as YAML).
+``A B``, deep-dive §5.1; the exported checkpoint holds the plain product, loadable as a standard BERT).
+``--set a.b=value`` overrides any key (value parsed as YAML).
 
 Besides F1 and sparsity, ``metrics.json`` records the run's costs: ``wall_time_s``, ``peak_rss_mib`` (peak
 resident memory of the process, from ``getrusage``), ``pruning_time_s`` / ``pruning_steps`` (time spent in the
