@@ -37,6 +37,24 @@ def test_report_table_and_plots(tmp_path, capsys):
     assert (tmp_path / "sparsity_curves.png").stat().st_size > 1000
 
 
+def test_report_reads_one_oneshot_folder_per_dense_model(tmp_path):
+    _write(tmp_path, "dense", 0.9, 0.0)
+    for folder, f1, calib in (("oneshot_dense", 0.85, 1024), ("oneshot_emb64", 0.75, 4096)):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "oneshot_results.json").write_text(json.dumps({
+            "dense": {"eval_f1": 0.9},
+            f"sparsegpt|0.5|uniform|n{calib}|s0": {"eval_f1": f1, "prune_time_s": 40.0, "solve_time_s": 4.0},
+            "sparsegpt|0.7|uniform|n1024|s0": {"eval_f1": f1 - 0.1, "prune_time_s": 30.0, "solve_time_s": 3.0},
+        }))
+    assert main(["report", str(tmp_path)]) == 0
+    readme = (tmp_path / "README.md").read_text()
+    # the pivot shows the grid on the training runs' dense model only (oneshot_dense), not the factorized one
+    assert "| one-shot sparsegpt | 0.8500 | 0.7500 |" in readme and "0.6500" not in readme.split("## Costs")[0]
+    # the costs list each folder's grid on its own
+    assert "(`oneshot_dense/oneshot_results*.json`)" in readme and "(`oneshot_emb64/oneshot_results*.json`)" in readme
+    assert "| sparsegpt | 4096 | 1 | 40.0 s (40.0–40.0) | 4.0 s |" in readme
+
+
 def test_cost_table_with_and_without_the_new_keys(tmp_path):
     _write(tmp_path, "old_run", 0.8, 0.9, "magnitude")  # predates the cost keys: only its wall time
     _write(tmp_path, "new_run", 0.85, 0.9, "movement")

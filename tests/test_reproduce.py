@@ -189,11 +189,51 @@ def test_tiny_end_to_end_second_run_runs_nothing_and_resumes(tmp_path, tiny_mode
     assert abs(resumed["sparsity"] - 0.5) < 1e-3
 
 
+def test_oneshot_grids_are_done_per_folder_and_samples_step(tmp_path, tiny_model_dir):
+    """A setting key does not name the model: a grid in another folder (another dense model) does not count."""
+    steps = [
+        {"recipe": "tiny_dense.yaml"},
+        {"name": "grid_a", "oneshot": {"method": "wanda", "model_from": "tiny_dense", "levels": [0.5],
+                                       "calib": [8, 16], "out": "os_a/oneshot_results_wanda.json"}},
+        {"name": "grid_b", "oneshot": {"method": "wanda", "model_from": "tiny_dense", "levels": [0.5],
+                                       "calib": [8, 16], "out": "os_b/oneshot_results_wanda.json"}},
+        {"name": "table_b", "oneshot_table": {"dir": "os_b", "md": "table_b.md", "calib": 16, "reference": True}},
+        {"name": "samples_b", "oneshot_samples": {"dir": "os_b", "md": "samples_b.md", "png": "samples_b.png"}},
+    ]
+    plan = _write_plan(tmp_path, tiny_model_dir, steps)
+    results = tmp_path / "results"
+    _metrics(results, "tiny_dense")
+    _fake_model(results, "tiny_dense")
+    (results / "os_a").mkdir()
+    (results / "os_a" / "oneshot_results_x.json").write_text(json.dumps(
+        {"dense": {}, **{setting_key("wanda", "0.5", False, n): {} for n in (8, 16)}}))
+    by_name = {s.name: s for s in build_steps(plan, results)}
+    assert by_name["grid_a"].status == "done" and not by_name["grid_a"].run
+    assert by_name["grid_b"].status == "to run" and "0/2 settings" in by_name["grid_b"].detail
+    assert "--calib 8,16" in by_name["grid_b"].display_command()
+    assert "--done" not in by_name["grid_b"].display_command()  # os_a's files are another model's
+    out_b = results / "os_b" / "oneshot_results_wanda.json"
+    assert f"table --json {out_b} --md {results / 'table_b.md'} --calib 16 --reference" in (
+        by_name["table_b"].display_command())
+    assert f"samples --json {out_b} --md {results / 'samples_b.md'} --png {results / 'samples_b.png'}" in (
+        by_name["samples_b"].display_command())
+    assert by_name["table_b"].run and by_name["samples_b"].run
+    bad = _write_plan(tmp_path, tiny_model_dir, [{"recipe": "tiny_dense.yaml"}, {"name": "g", "oneshot": {
+        "method": "wanda", "model_from": "tiny_dense", "levels": [0.5], "calib": [8, 0]}}])
+    with pytest.raises(ValueError, match="calib must be a positive integer"):
+        build_steps(bad, results)
+
+
 def test_shipped_plan_parses_in_order():
     steps = build_steps(os.path.join(ROOT, "recipes", "reproduce.yaml"), os.path.join(ROOT, "nonexistent-results"))
     names = [s.name for s in steps]
     assert names[0] == "dense" and names[-1] == "report"
     assert names.index("oneshot_table") > max(names.index(f"oneshot_{m}") for m in ("magnitude", "wanda", "obs"))
+    assert names.index("dense_emb64") < names.index("oneshot_obs") < names.index("oneshot_samples")
+    assert names.index("oneshot_ref_table") > names.index("oneshot_ref_sparsegpt")
+    by_name = {s.name: s for s in steps}
+    assert by_name["oneshot_obs"].needs == ["dense_emb64"] and by_name["oneshot_ref_wanda"].needs == ["dense"]
+    assert "--calib 64,256,1024,4096,8192" in by_name["oneshot_samples_sparsegpt"].display_command()
     for method in ("magnitude", "movement_hard", "movement_soft", "obert"):
         assert all(f"{method}_{s}" in names for s in (80, 90, 95, 97))
     assert all(s.run and s.status == "to run" for s in steps)

@@ -59,13 +59,15 @@ def run_grid(
 
     from prune_trainer.data.conll import load_conll_splits
     from prune_trainer.oneshot.runner import OneShotConfig, run_oneshot
+    from prune_trainer.recipes.runner import git_commit
 
     torch.set_num_threads(1)
+    commit = git_commit()  # the code that runs is the code checked out now
     done = set(done_keys)
     results = json.loads(out_json.read_text()) if out_json.is_file() else {}
     splits = load_conll_splits(data_dir)
     if "dense" not in results:
-        results["dense"] = _dense_f1(model, splits)
+        results["dense"] = {**_dense_f1(model, splits), "trained": model_description(model)}
         _write_json(out_json, results)
     for calib in calibs:
         for level in levels:
@@ -83,6 +85,7 @@ def run_grid(
                     res = run_oneshot(cfg, splits, progress=False)
                     res.pop("sparsity_per_layer", None)
                     res["finished_at"] = time.strftime("%Y-%m-%d %H:%M:%S")
+                    res["git_commit"] = commit
                     results[key] = res
                     _write_json(out_json, results)
                     print(f"{key}: f1={res['eval_f1']:.4f} sparsity={res['sparsity']:.4f} "
@@ -92,6 +95,7 @@ def run_grid(
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
     """Atomic write (temp file + rename): a run killed mid-write leaves the previous JSON intact."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(data, indent=2))
     os.replace(tmp, path)
@@ -114,17 +118,35 @@ def _f(x: float | None, digits: int = 3) -> str:
     return "–" if x is None else f"{x:.{digits}f}"
 
 
-def table_markdown(results: dict[str, Any], calib: int) -> str:
-    """Table 1 layout: per sparsity and method, F1 uniform / OWL and pruning time, next to the paper."""
+def model_description(model: str) -> str:
+    """How the grid's dense model was trained, from the ``metrics.json`` the recipe runner wrote beside it."""
+    metrics = Path(model).parent / "metrics.json"
+    try:
+        data = json.loads(metrics.read_text())
+    except (OSError, json.JSONDecodeError):
+        return "embedding factorization unknown (no metrics.json beside the model)"
+    rank = (data.get("config") or {}).get("factorize_embeddings")
+    what = f"word embeddings factorized to rank {rank}" if rank else "**no embedding factorization**"
+    return f"recipe `{data.get('name', '?')}`, {what}, git `{str(data.get('git_commit', '?'))[:8]}`"
+
+
+def table_markdown(results: dict[str, Any], calib: int, reference: bool = False) -> str:
+    """Table 1 layout: per sparsity and method, F1 uniform / OWL and pruning time, next to the paper.
+
+    ``reference``: add the check against the issue's reference points (settings with 1024 sentences)."""
     dense = results.get("dense", {})
+    model = str(dense.get("model", "?"))
+    threads = sorted({r.get("torch_threads") for k, r in results.items() if k != "dense" and r.get("torch_threads")})
     lines = [
         f"# One-shot pruning on CoNLL-2003 (validation F1, {dense.get('eval_sentences', '?')} sentences)",
         "",
-        f"Model: `{dense.get('model', '?')}` (fine-tuned dense embedded all-MiniLM-L6-v2, **no embedding "
-        f"factorization**), dense F1 {_f(dense.get('eval_f1'))}. Calibration: {calib} train sentences, "
+        f"Model: `{model}` (fine-tuned dense embedded all-MiniLM-L6-v2; "
+        f"{dense.get('trained') or model_description(model) + ' (read when the table was made)'}), "
+        f"dense F1 {_f(dense.get('eval_f1'))}. Calibration: {calib} train sentences, "
         "every encoder Linear, layer-sequential with pruned inputs; OWL with M=1 (no λ bound). "
-        "Time = wall time of calibration forward passes + pruning, 1 CPU thread on a shared 2-core machine "
-        "(solve = the per-layer pruning math only); check `finished_at` / contention before comparing times.",
+        f"Time = wall time of calibration forward passes + pruning with {'/'.join(map(str, threads)) or '?'} "
+        "torch thread(s) per setting (solve = the per-layer pruning math only); the machine and its load are "
+        "in the notes below and `finished_at` in the JSONs.",
         "",
         "| Sparsity | Method | F1 uniform | F1 OWL | time (s) | solve (s) | paper F1 uniform | paper F1 OWL "
         "| paper time (s) |",
@@ -145,6 +167,8 @@ def table_markdown(results: dict[str, Any], calib: int) -> str:
                 f"| {_f(t['prune_time_s'], 1)} | {_f(t['solve_time_s'], 1)} | {_f(paper and paper[0])} "
                 f"| {_f(paper and paper[1])} | {_f(paper and paper[2], 1)} |"
             )
+    if not reference:
+        return "\n".join(lines) + "\n"
     lines += ["", "## Check against the issue's reference points (authors' code, 1024 sentences)", "",
               "| Method | level | ours F1 | reference F1 | difference |", "|---|---|---|---|---|"]
     for method, refs in ISSUE_REFERENCE.items():
@@ -216,6 +240,8 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--json", type=Path, nargs="+", required=True, help="one or more grid JSONs (merged)")
     t.add_argument("--md", type=Path, required=True)
     t.add_argument("--calib", type=int, default=1024)
+    t.add_argument("--reference", action="store_true",
+                   help="add the check against the issue's reference points (1024-sentence settings)")
     s = sub.add_parser("samples")
     s.add_argument("--json", type=Path, nargs="+", required=True, help="one or more grid JSONs (merged)")
     s.add_argument("--md", type=Path, required=True)
@@ -227,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
                  [int(c) for c in args.calib.split(",")], args.data_dir,
                  done_keys=[k for p in args.done if p.is_file() for k in json.loads(p.read_text())])
     elif args.cmd == "table":
-        args.md.write_text(table_markdown(merge_results(args.json), args.calib))
+        args.md.write_text(table_markdown(merge_results(args.json), args.calib, args.reference))
     else:
         args.md.write_text(samples_markdown(merge_results(args.json), args.png))
     return 0

@@ -5,9 +5,10 @@ The plan is an ordered list of steps (see the comments at the top of ``recipes/r
 report (``prune-trainer report``). For each step the driver works out
 
 - its **status**: ``done`` (``<results>/<name>/metrics.json`` exists; one-shot: every setting of the step is in a
-  ``<results>/oneshot_results*.json``), ``resumable`` (a Trainer checkpoint in ``<results>/<name>/checkpoints/``,
+  ``oneshot_results*.json`` of the folder its ``out`` JSON is in; one folder per dense model, since a setting key
+  does not name the model), ``resumable`` (a Trainer checkpoint in ``<results>/<name>/checkpoints/``,
   or part of a one-shot grid), ``to run``, ``re-run`` (dense weights missing, see below) or ``up to date``
-  (table / report newer than their inputs);
+  (one-shot table / sample-size figure / report newer than their inputs);
 - its **exact command**, which is what runs: each step is its own process (``sys.executable -m ...``), so memory
   is returned between steps and the ``peak_rss_mib`` a run records is its own;
 - an **estimated time** on the 2-core CPU machine from the recipe's epochs and the plan's ``estimates`` (an
@@ -40,7 +41,7 @@ import yaml
 from prune_trainer.recipes.runner import last_checkpoint_step, load_recipe
 
 DEFAULT_PLAN = "recipes/reproduce.yaml"
-STEP_KINDS = ("recipe", "oneshot", "oneshot_table", "report")
+STEP_KINDS = ("recipe", "oneshot", "oneshot_table", "oneshot_samples", "report")
 STEP_KEYS = {"name", "set", "est_min_per_epoch", "est_min_per_setting", *STEP_KINDS}
 DEFAULT_ESTIMATES: dict[str, float] = {
     "min_per_epoch": 8.0,  # embedded model, full CoNLL-2003, 2 CPU cores
@@ -152,8 +153,18 @@ def _oneshot_keys(spec: dict[str, Any]) -> list[str]:
         for owl in owl_modes:
             if owl and ":" in level:
                 continue
-            keys.append(setting_key(spec["method"], level, owl, int(spec.get("calib", 1024)), int(spec.get("seed", 0))))
+            for calib in _calibs(spec):
+                keys.append(setting_key(spec["method"], level, owl, calib, int(spec.get("seed", 0))))
     return keys
+
+
+def _calibs(spec: dict[str, Any]) -> list[int]:
+    """``calib``: one number of calibration sentences or a list of them (a sample-size grid)."""
+    value = spec.get("calib", 1024)
+    values = value if isinstance(value, list) else [value]
+    if not values or any(isinstance(v, bool) or not isinstance(v, int) or v <= 0 for v in values):
+        raise ValueError(f"one-shot calib must be a positive integer or a list of them, got {value!r}")
+    return values
 
 
 def _levels(spec: dict[str, Any]) -> list[str]:
@@ -204,7 +215,12 @@ def build_steps(
     est = {**DEFAULT_ESTIMATES, **(plan.get("estimates") or {})}
     results = Path(results_dir)
     common_data = ["--data-dir", str(data_dir)] if data_dir else []
-    oneshot_files, oneshot_done = _existing_oneshot(results)
+    grid_state: dict[Path, tuple[list[Path], set[str]]] = {}  # folder → (grid JSONs, finished setting keys)
+
+    def grid_folder(folder: Path) -> tuple[list[Path], set[str]]:
+        if folder not in grid_state:
+            grid_state[folder] = _existing_oneshot(folder)
+        return grid_state[folder]
 
     # Pass 1: names of the recipe steps (a step may only use the model of an earlier one).
     recipes: dict[int, tuple[dict[str, Any], list[str], Path]] = {}
@@ -307,26 +323,41 @@ def build_steps(
             else:
                 raise ValueError(f"plan {plan_path}: one-shot step {name!r} needs 'model_from' or 'model'")
             out_json = results / str(os_spec.get("out", "oneshot_results.json"))
+            if not fnmatch.fnmatchcase(out_json.name, ONESHOT_GLOB):
+                raise ValueError(f"plan {plan_path}: step {name!r}: out {out_json.name!r} must match {ONESHOT_GLOB}")
             keys = _oneshot_keys(os_spec)
+            oneshot_files, oneshot_done = grid_folder(out_json.parent)
             others = [str(p) for p in oneshot_files if p != out_json]
             argv = ["grid", "--model", model, "--out", str(out_json), "--methods", str(os_spec["method"]),
                     "--sparsities", ",".join(_levels(os_spec)), "--owl", str(os_spec.get("owl", "no")),
-                    "--calib", str(int(os_spec.get("calib", 1024))), *common_data]
+                    "--calib", ",".join(map(str, _calibs(os_spec))), *common_data]
             if others:
                 argv += ["--done", *others]
             n_done = sum(k in oneshot_done for k in keys)
             step = Step(name, "oneshot", ONESHOT_MODULE, argv, needs=needs, output=out_json)
             step.status = "done" if n_done == len(keys) else ("resumable" if n_done else "to run")
-            step.detail = f"{n_done}/{len(keys)} settings in {results / ONESHOT_GLOB}"
+            step.detail = f"{n_done}/{len(keys)} settings in {out_json.parent / ONESHOT_GLOB}"
             per = float(spec.get("est_min_per_setting") or est["min_per_oneshot_setting"])
             step.estimate_min = (len(keys) - n_done) * per
-        elif "oneshot_table" in spec:
-            t_spec = dict(spec["oneshot_table"] or {})
-            md = results / str(t_spec.get("md", "oneshot_table.md"))
-            outs = {s.output for s in steps if s.kind == "oneshot" and s.output is not None}
-            argv = ["table", "--md", str(md), "--calib", str(int(t_spec.get("calib", 1024)))]  # --json: _finish
-            step = Step(name, "oneshot_table", ONESHOT_MODULE, argv, output=md, inputs=sorted({*oneshot_files, *outs}))
-            if md.is_file() and md.stat().st_mtime >= _newest_mtime(step.inputs):
+        elif "oneshot_table" in spec or "oneshot_samples" in spec:
+            kind = "oneshot_table" if "oneshot_table" in spec else "oneshot_samples"
+            t_spec = dict(spec[kind] or {})
+            folder = results / str(t_spec.get("dir", "."))  # the grid JSONs of one dense model
+            outs = {s.output for s in steps if s.kind == "oneshot" and s.output and s.output.parent == folder}
+            inputs = sorted({*grid_folder(folder)[0], *outs})
+            if kind == "oneshot_table":
+                md = results / str(t_spec.get("md", "oneshot_table.md"))
+                argv = ["table", "--md", str(md), "--calib", str(int(t_spec.get("calib", 1024)))]  # --json: _finish
+                if t_spec.get("reference"):
+                    argv.append("--reference")
+                outputs = [md]
+            else:
+                md = results / str(t_spec.get("md", "oneshot_samples.md"))
+                png = results / str(t_spec.get("png", md.with_suffix(".png").name))
+                argv = ["samples", "--md", str(md), "--png", str(png)]  # --json: _finish_tables
+                outputs = [md, png]
+            step = Step(name, kind, ONESHOT_MODULE, argv, output=md, inputs=inputs)
+            if all(o.is_file() for o in outputs) and min(o.stat().st_mtime for o in outputs) >= _newest_mtime(inputs):
                 step.status, step.detail = "up to date", f"{md} is newer than its inputs"
             step.estimate_min = 0.1
         else:
@@ -347,7 +378,7 @@ def _finish_tables(steps: list[Step]) -> None:
     """One-shot table steps read the grid JSONs that exist or that a running grid step writes."""
     written = {s.output for s in steps if s.kind == "oneshot" and s.run}
     for step in steps:
-        if step.kind != "oneshot_table":
+        if step.kind not in ("oneshot_table", "oneshot_samples"):
             continue
         inputs = [p for p in step.inputs if p.is_file() or p in written]
         if not inputs:
@@ -399,7 +430,7 @@ def _select(steps: list[Step], only: list[str] | None) -> None:
     ran_before = False
     oneshot_ran = False
     for step in steps:  # tables and report follow anything that runs before them
-        if step.kind == "oneshot_table" and step.selected and oneshot_ran and not step.run:
+        if step.kind in ("oneshot_table", "oneshot_samples") and step.selected and oneshot_ran and not step.run:
             step.run, step.status, step.detail = True, "to run", "after the one-shot grids above"
         if step.kind == "report" and step.selected and ran_before and not step.run:
             step.run, step.status, step.detail = True, "to run", "after the steps above"

@@ -162,6 +162,17 @@ def cost_table(runs: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+ONESHOT_PIVOT_DIR = "oneshot_dense"
+"""Folder of the one-shot grid on the same dense model the training runs start from (rows of the pivot table)."""
+
+
+def oneshot_folders(results_dir: str | Path) -> list[Path]:
+    """``results_dir`` and its direct subfolders that hold one-shot grid files (one folder per dense model)."""
+    results_dir = Path(results_dir)
+    folders = [results_dir, *sorted(p for p in results_dir.iterdir() if p.is_dir())]
+    return [f for f in folders if any(f.glob("oneshot_results*.json"))]
+
+
 def load_oneshot_results(results_dir: str | Path) -> dict[str, dict[str, Any]]:
     """Union of the one-shot grid files ``<results_dir>/oneshot_results*.json`` (setting key → result)."""
     merged: dict[str, dict[str, Any]] = {}
@@ -252,6 +263,7 @@ def write_report(results_dir: str | Path = "results") -> Path:
     if not runs:
         raise FileNotFoundError(f"no */metrics.json with eval_f1 under {results_dir}")
     plots = plot_runs(runs, results_dir)
+    pivot_dir = results_dir / ONESHOT_PIVOT_DIR if (results_dir / ONESHOT_PIVOT_DIR).is_dir() else results_dir
     text = [
         "# Results",
         "",
@@ -268,9 +280,10 @@ def write_report(results_dir: str | Path = "results") -> Path:
         "",
         "Validation F1 of each training-time run (% of the dense F1, epochs) at the sparsity it reached, and the "
         "one-shot settings (no training; 1024 calibration sentences; uniform or OWL layer-wise sparsity) from "
-        "`oneshot_results*.json`. `–`: not run.",
+        f"`{pivot_dir.relative_to(results_dir).as_posix() + '/' if pivot_dir != results_dir else ''}"
+        "oneshot_results*.json` (one-shot pruning of the dense model the training runs start from). `–`: not run.",
         "",
-        method_sparsity_table(runs, load_oneshot_results(results_dir)),
+        method_sparsity_table(runs, load_oneshot_results(pivot_dir)),
         "",
     ]
     for plot in plots:
@@ -287,13 +300,13 @@ def write_report(results_dir: str | Path = "results") -> Path:
         cost_table(runs),
         "",
     ]
-    oneshot = load_oneshot_results(results_dir)
-    if oneshot:
+    for folder in oneshot_folders(results_dir):
+        where = folder.relative_to(results_dir).as_posix() + "/" if folder != results_dir else ""
         text += [
-            "One-shot pruning (`oneshot_results*.json`): prune = calibration forward passes + pruning, "
+            f"One-shot pruning (`{where}oneshot_results*.json`): prune = calibration forward passes + pruning, "
             "solve = the per-layer pruning math only; evaluation not included.",
             "",
-            oneshot_cost_table(oneshot),
+            oneshot_cost_table(load_oneshot_results(folder)),
             "",
         ]
     others = sorted(p for p in results_dir.glob("*.md") if p.name not in ("README.md", "NOTES.md"))
