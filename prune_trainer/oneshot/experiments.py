@@ -148,12 +148,13 @@ def table_markdown(results: dict[str, Any], calib: int, reference: bool = False)
         "torch thread(s) per setting (solve = the per-layer pruning math only); the machine and its load are "
         "in the notes below and `finished_at` in the JSONs.",
         "",
-        "| Sparsity | Method | F1 uniform | F1 OWL | time (s) | solve (s) | paper F1 uniform | paper F1 OWL "
-        "| paper time (s) |",
-        "|---|---|---|---|---|---|---|---|---|",
-        f"| 0% | dense | {_f(dense.get('eval_f1'))} | {_f(dense.get('eval_f1'))} | – | – | {PAPER_DENSE_F1} "
-        f"| {PAPER_DENSE_F1} | – |",
+        "| Sparsity | Method | F1 uniform | F1 OWL | % of dense (uniform) | time uniform / OWL (s) | solve (s) "
+        "| paper F1 uniform | paper F1 OWL | paper % of dense (uniform) | paper time (s) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+        f"| 0% | dense | {_f(dense.get('eval_f1'))} | {_f(dense.get('eval_f1'))} | 100% | – | – | {PAPER_DENSE_F1} "
+        f"| {PAPER_DENSE_F1} | 100% | – |",
     ]
+    dense_f1 = dense.get("eval_f1")
     for level in ("0.5", "0.6", "0.7", "0.8", "2:4"):
         for method in ("obs", "sparsegpt", "wanda", "magnitude"):
             uni, owl = _get(results, method, level, False, calib), _get(results, method, level, True, calib)
@@ -162,10 +163,13 @@ def table_markdown(results: dict[str, Any], calib: int, reference: bool = False)
             paper = PAPER_TABLE.get(float(level), {}).get(method) if ":" not in level else None
             t = uni or owl
             label = f"{float(level):.0%}" if ":" not in level else level
+            rel = f"{uni['eval_f1'] / dense_f1:.1%}" if uni and dense_f1 else "–"
+            paper_rel = f"{paper[0] / PAPER_DENSE_F1:.1%}" if paper else "–"
+            times = f"{_f(uni and uni['prune_time_s'], 1)} / {_f(owl and owl['prune_time_s'], 1)}"
             lines.append(
-                f"| {label} | {method} | {_f(uni and uni['eval_f1'])} | {_f(owl and owl['eval_f1'])} "
-                f"| {_f(t['prune_time_s'], 1)} | {_f(t['solve_time_s'], 1)} | {_f(paper and paper[0])} "
-                f"| {_f(paper and paper[1])} | {_f(paper and paper[2], 1)} |"
+                f"| {label} | {method} | {_f(uni and uni['eval_f1'])} | {_f(owl and owl['eval_f1'])} | {rel} "
+                f"| {times} | {_f(t['solve_time_s'], 1)} | {_f(paper and paper[0])} "
+                f"| {_f(paper and paper[1])} | {paper_rel} | {_f(paper and paper[2], 1)} |"
             )
     if not reference:
         return "\n".join(lines) + "\n"
