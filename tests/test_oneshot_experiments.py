@@ -38,6 +38,10 @@ def test_grid_table_and_samples(tmp_path, model, tokenizer, conll_dir):
     text = md.read_text()
     assert "recipe `d64`, word embeddings factorized to rank 64" in text
     assert "| sparsegpt | 0.5 | – | 0.896 | – |" in text  # no 1024-sentence settings in this grid
+    md.write_text(md.read_text() + "\n## Notes\n\nhand-written analysis\n")
+    assert main(["table", "--json", str(out), "--md", str(md), "--calib", "16"]) == 0  # regenerated: notes kept
+    text = md.read_text()
+    assert text.count("## Notes") == 1 and text.endswith("## Notes\n\nhand-written analysis\n")
     smd, png = tmp_path / "s.md", tmp_path / "s.png"
     assert main(["samples", "--json", str(out), "--md", str(smd), "--png", str(png)]) == 0
     assert "| sparsegpt | 50% |" in smd.read_text() and png.stat().st_size > 0

@@ -219,6 +219,18 @@ def samples_markdown(results: dict[str, Any], png: Path | None) -> str:
     return "\n".join(lines) + "\n"
 
 
+NOTES_HEADING = "## Notes"
+
+
+def kept_notes(md: Path) -> str:
+    """The hand-written ``## Notes`` section of an existing table / figure page, kept when it is regenerated."""
+    if not md.is_file():
+        return ""
+    text = md.read_text()
+    at = text.find("\n" + NOTES_HEADING + "\n")
+    return "" if at < 0 else "\n" + text[at + 1 :]
+
+
 def merge_results(paths: list[Path]) -> dict[str, Any]:
     """Union of several grid JSONs (later files win on equal keys)."""
     merged: dict[str, Any] = {}
@@ -257,9 +269,11 @@ def main(argv: list[str] | None = None) -> int:
                  [int(c) for c in args.calib.split(",")], args.data_dir,
                  done_keys=[k for p in args.done if p.is_file() for k in json.loads(p.read_text())])
     elif args.cmd == "table":
-        args.md.write_text(table_markdown(merge_results(args.json), args.calib, args.reference))
+        text = table_markdown(merge_results(args.json), args.calib, args.reference)
+        args.md.write_text(text + kept_notes(args.md))
     else:
-        args.md.write_text(samples_markdown(merge_results(args.json), args.png))
+        text = samples_markdown(merge_results(args.json), args.png)
+        args.md.write_text(text + kept_notes(args.md))
     return 0
 
 
