@@ -39,6 +39,7 @@ def test_report_table_and_plots(tmp_path, capsys):
 
 def test_report_reads_one_oneshot_folder_per_dense_model(tmp_path):
     _write(tmp_path, "dense", 0.9, 0.0)
+    _write(tmp_path, "dense_emb64", 0.86, 0.0)  # another dense model: its own row
     for folder, f1, calib in (("oneshot_dense", 0.85, 1024), ("oneshot_emb64", 0.75, 4096)):
         (tmp_path / folder).mkdir()
         (tmp_path / folder / "oneshot_results.json").write_text(json.dumps({
@@ -49,7 +50,8 @@ def test_report_reads_one_oneshot_folder_per_dense_model(tmp_path):
     assert main(["report", str(tmp_path)]) == 0
     readme = (tmp_path / "README.md").read_text()
     # the pivot shows the grid on the training runs' dense model only (oneshot_dense), not the factorized one
-    assert "| one-shot sparsegpt | 0.8500 | 0.7500 |" in readme and "0.6500" not in readme.split("## Costs")[0]
+    assert "| dense (dense_emb64) | 0.8600 (95.6%, 3 ep) | – | – |" in readme
+    assert "| one-shot sparsegpt | – | 0.8500 | 0.7500 |" in readme and "0.6500" not in readme.split("## Costs")[0]
     # the costs list each folder's grid on its own
     assert "(`oneshot_dense/oneshot_results*.json`)" in readme and "(`oneshot_emb64/oneshot_results*.json`)" in readme
     assert "| sparsegpt | 4096 | 1 | 40.0 s (40.0–40.0) | 4.0 s |" in readme

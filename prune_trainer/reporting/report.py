@@ -83,6 +83,8 @@ def _row_label(run: dict[str, Any]) -> str:
     label = _method(run)
     if pruning.get("method") == "nm":
         label = f"nm ({kwargs.get('score', 'magnitude')}{', ' + kwargs['dynamic'] if kwargs.get('dynamic') else ''})"
+    elif label == "dense":  # another dense model (e.g. dense_emb64): its own row, not the reference's
+        label = f"dense ({run['name']})"
     return label
 
 
