@@ -42,6 +42,8 @@ from prune_trainer.recipes.runner import last_checkpoint_step, load_recipe
 
 DEFAULT_PLAN = "recipes/reproduce.yaml"
 STEP_KINDS = ("recipe", "oneshot", "oneshot_table", "oneshot_samples", "report")
+ONESHOT_PAGE_KINDS = ("oneshot_table", "oneshot_samples")
+"""Steps that write a markdown page (table / sample-size figure) from the grid JSONs of one folder."""
 STEP_KEYS = {"name", "set", "est_min_per_epoch", "est_min_per_setting", *STEP_KINDS}
 DEFAULT_ESTIMATES: dict[str, float] = {
     "min_per_epoch": 8.0,  # embedded model, full CoNLL-2003, 2 CPU cores
@@ -339,8 +341,8 @@ def build_steps(
             step.detail = f"{n_done}/{len(keys)} settings in {out_json.parent / ONESHOT_GLOB}"
             per = float(spec.get("est_min_per_setting") or est["min_per_oneshot_setting"])
             step.estimate_min = (len(keys) - n_done) * per
-        elif "oneshot_table" in spec or "oneshot_samples" in spec:
-            kind = "oneshot_table" if "oneshot_table" in spec else "oneshot_samples"
+        elif any(k in spec for k in ONESHOT_PAGE_KINDS):
+            kind = next(k for k in ONESHOT_PAGE_KINDS if k in spec)
             t_spec = dict(spec[kind] or {})
             folder = results / str(t_spec.get("dir", "."))  # the grid JSONs of one dense model
             outs = {s.output for s in steps if s.kind == "oneshot" and s.output and s.output.parent == folder}
@@ -378,7 +380,7 @@ def _finish_tables(steps: list[Step]) -> None:
     """One-shot table steps read the grid JSONs that exist or that a running grid step writes."""
     written = {s.output for s in steps if s.kind == "oneshot" and s.run}
     for step in steps:
-        if step.kind not in ("oneshot_table", "oneshot_samples"):
+        if step.kind not in ONESHOT_PAGE_KINDS:
             continue
         inputs = [p for p in step.inputs if p.is_file() or p in written]
         if not inputs:
@@ -430,7 +432,7 @@ def _select(steps: list[Step], only: list[str] | None) -> None:
     ran_before = False
     oneshot_ran = False
     for step in steps:  # tables and report follow anything that runs before them
-        if step.kind in ("oneshot_table", "oneshot_samples") and step.selected and oneshot_ran and not step.run:
+        if step.kind in ONESHOT_PAGE_KINDS and step.selected and oneshot_ran and not step.run:
             step.run, step.status, step.detail = True, "to run", "after the one-shot grids above"
         if step.kind == "report" and step.selected and ran_before and not step.run:
             step.run, step.status, step.detail = True, "to run", "after the steps above"

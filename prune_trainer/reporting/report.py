@@ -177,11 +177,10 @@ def oneshot_folders(results_dir: str | Path) -> list[Path]:
 
 def load_oneshot_results(results_dir: str | Path) -> dict[str, dict[str, Any]]:
     """Union of the one-shot grid files ``<results_dir>/oneshot_results*.json`` (setting key → result)."""
-    merged: dict[str, dict[str, Any]] = {}
-    for path in sorted(Path(results_dir).glob("oneshot_results*.json")):
-        data = json.loads(path.read_text())
-        merged.update({k: v for k, v in data.items() if k != "dense" and isinstance(v, dict)})
-    return merged
+    from prune_trainer.oneshot.experiments import merge_results
+
+    merged = merge_results(sorted(Path(results_dir).glob("oneshot_results*.json")))
+    return {k: v for k, v in merged.items() if k != "dense" and isinstance(v, dict)}
 
 
 def oneshot_cost_table(results: dict[str, dict[str, Any]]) -> str:
