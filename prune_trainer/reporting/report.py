@@ -223,16 +223,17 @@ def plot_runs(runs: list[dict[str, Any]], out_dir: Path) -> list[Path]:
 
     written = []
     fig, ax = plt.subplots(figsize=(6, 4))
-    by_method: dict[str, list[tuple[float, float]]] = {}
+    by_series: dict[str, list[tuple[float, float]]] = {}  # one line per method and training budget
     for run in runs:
-        by_method.setdefault(_method(run), []).append((run.get("sparsity", 0.0), run["eval_f1"]))
-    for method, points in sorted(by_method.items()):
+        label = f"{_method(run)}, {_epochs(run)} ep" if _method(run) != "dense" else "dense"
+        by_series.setdefault(label, []).append((run.get("sparsity", 0.0), run["eval_f1"]))
+    for label, points in sorted(by_series.items()):
         points.sort()
-        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=method)
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
     ax.set_xlabel("encoder Linear sparsity")
     ax.set_ylabel("validation entity F1")
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=7)
     fig.tight_layout()
     path = out_dir / "f1_vs_sparsity.png"
     fig.savefig(path, dpi=120)
@@ -242,13 +243,15 @@ def plot_runs(runs: list[dict[str, Any]], out_dir: Path) -> list[Path]:
     curves = [(r["name"], *sparsity_curve(r)) for r in runs]
     curves = [c for c in curves if c[1]]
     if curves:
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for name, steps, values in curves:
-            ax.plot(steps, values, label=name)
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        colors = plt.get_cmap("tab20").colors  # 20 distinct colours, then a new line style per cycle
+        for i, (name, steps, values) in enumerate(curves):
+            style = ("-", "--", ":")[(i // len(colors)) % 3]
+            ax.plot(steps, values, label=name, color=colors[i % len(colors)], linestyle=style)
         ax.set_xlabel("optimizer step")
         ax.set_ylabel("global sparsity")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7, ncol=2)
         fig.tight_layout()
         path = out_dir / "sparsity_curves.png"
         fig.savefig(path, dpi=120)
