@@ -225,11 +225,14 @@ def plot_runs(runs: list[dict[str, Any]], out_dir: Path) -> list[Path]:
     fig, ax = plt.subplots(figsize=(6, 4))
     by_series: dict[str, list[tuple[float, float]]] = {}  # one line per method and training budget
     for run in runs:
-        label = f"{_method(run)}, {_epochs(run)} ep" if _method(run) != "dense" else "dense"
+        method, budget = _method(run), _epochs(run)
+        budget = budget if budget.endswith("steps") else f"{budget} ep"
+        label = run["name"] if method == "dense" else f"{method}, {budget}"  # a dense model is one point
         by_series.setdefault(label, []).append((run.get("sparsity", 0.0), run["eval_f1"]))
-    for label, points in sorted(by_series.items()):
+    colors = plt.get_cmap("tab20").colors  # 20 distinct colours (the default cycle repeats after 10)
+    for i, (label, points) in enumerate(sorted(by_series.items())):
         points.sort()
-        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label, color=colors[i % 20])
     ax.set_xlabel("encoder Linear sparsity")
     ax.set_ylabel("validation entity F1")
     ax.grid(alpha=0.3)
@@ -244,9 +247,8 @@ def plot_runs(runs: list[dict[str, Any]], out_dir: Path) -> list[Path]:
     curves = [c for c in curves if c[1]]
     if curves:
         fig, ax = plt.subplots(figsize=(7, 4.5))
-        colors = plt.get_cmap("tab20").colors  # 20 distinct colours, then a new line style per cycle
         for i, (name, steps, values) in enumerate(curves):
-            style = ("-", "--", ":")[(i // len(colors)) % 3]
+            style = ("-", "--", ":")[(i // len(colors)) % 3]  # a new line style per colour cycle
             ax.plot(steps, values, label=name, color=colors[i % len(colors)], linestyle=style)
         ax.set_xlabel("optimizer step")
         ax.set_ylabel("global sparsity")
