@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import random
 import resource
 import sys
@@ -120,38 +121,63 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{len(names)} target layers, d={d:,} weights, B={a.block_size}, m={a.num_grads} gradients of "
           f"{a.grad_batch_size} sentences; Fisher inverse (float32, all layers) = {format_bytes(fbytes)}")
 
-    # 1. gradient collection (kept in memory for the side-by-side Fisher timings)
+    # 1.-2. gradient collection and Fisher inverse. With Woodbury timed too, the m gradients are kept in memory
+    # (m·d·4 bytes) so both forms see the same ones; with --skip-woodbury they stream into the direct form.
     params = [layers[n].weight for n in names]
-    t = time.perf_counter()
+    grad_bytes = a.num_grads * d * 4
+    if not a.skip_woodbury:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        print(f"keeping {a.num_grads} gradients for the side-by-side Fisher timing: {format_bytes(grad_bytes)}")
+        if grad_bytes + 2 * fbytes > 0.8 * total:
+            raise SystemExit(
+                f"--num-grads {a.num_grads} needs {format_bytes(grad_bytes)} of stored gradients plus "
+                f"{format_bytes(2 * fbytes)} of Fisher blocks, more than 80% of this machine's "
+                f"{format_bytes(total)}: pass --skip-woodbury (gradients then stream into the direct form)"
+            )
+    times = {"woodbury": 0.0, "direct": 0.0}
+    worst = 0.0
+    finvs: dict[str, BlockFisherInverse] = {}
+    t_fisher_stream = 0.0
+    if a.skip_woodbury:
+        finvs = {
+            n: BlockFisherInverse(layers[n].weight.numel(), a.block_size, a.num_grads, a.damp, "direct", device=device)
+            for n in names
+        }
     grads = [[] for _ in names]
+    t = time.perf_counter()
     for gs in sampler.sample(model, params, a.num_grads, round_key=0):
-        for buf, g in zip(grads, gs, strict=True):
-            buf.append(g)
-    t_collect = time.perf_counter() - t
-    grads = [torch.stack(g) for g in grads]
+        if a.skip_woodbury:
+            t_f = time.perf_counter()
+            for n, g in zip(names, gs, strict=True):
+                finvs[n].add_grads(g)
+            t_fisher_stream += time.perf_counter() - t_f
+        else:
+            for buf, g in zip(grads, gs, strict=True):
+                buf.append(g)
+    t_collect = time.perf_counter() - t - t_fisher_stream
     record.update(device=f"{device} ({torch.get_num_threads()} threads)", data=source, layers=len(names), d=d,
                   fisher_bytes=fbytes, collect_s=t_collect)
     print(f"\n[collect] {t_collect:.2f} s for {a.num_grads} gradients = {t_collect / a.num_grads:.3f} s/gradient")
 
-    # 2. Fisher inverse: Woodbury vs direct, same gradients, one layer at a time (peak = one layer's blocks)
-    times = {"woodbury": 0.0, "direct": 0.0}
-    worst = 0.0
-    finvs: dict[str, BlockFisherInverse] = {}
-    for i, n in enumerate(names):
-        built = {}
-        for form in ("direct", "woodbury"):
-            if form == "woodbury" and a.skip_woodbury:
-                continue
-            t = time.perf_counter()
-            f = BlockFisherInverse(layers[n].weight.numel(), a.block_size, a.num_grads, a.damp, form, device=device)
-            f.add_grads(grads[i])
+    if a.skip_woodbury:
+        t = time.perf_counter()
+        for f in finvs.values():
             f.finalize()
-            times[form] += time.perf_counter() - t
-            built[form] = f
-        if "woodbury" in built:
+        times["direct"] = t_fisher_stream + time.perf_counter() - t
+    else:  # Woodbury vs direct, same gradients, one layer at a time (peak = one layer's blocks)
+        grads = [torch.stack(g) for g in grads]
+        for i, n in enumerate(names):
+            built = {}
+            for form in ("direct", "woodbury"):
+                t = time.perf_counter()
+                f = BlockFisherInverse(layers[n].weight.numel(), a.block_size, a.num_grads, a.damp, form, device=device)
+                f.add_grads(grads[i])
+                f.finalize()
+                times[form] += time.perf_counter() - t
+                built[form] = f
             ref, other = built["direct"].blocks, built["woodbury"].blocks
             worst = max(worst, float((other - ref).abs().max() / ref.abs().max()))
-        finvs[n] = built["direct"]
+            finvs[n] = built["direct"]
     record.update(fisher_direct_s=times["direct"], fisher_woodbury_s=None if a.skip_woodbury else times["woodbury"],
                   fisher_max_rel_diff=None if a.skip_woodbury else worst)
     print(f"[fisher] direct {times['direct']:.2f} s" + (
