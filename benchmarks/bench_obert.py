@@ -98,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-batches", type=int, default=8)
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--skip-woodbury", action="store_true", help="skip the (slower on CPU) Woodbury timing")
+    p.add_argument("--grad-chunk", type=int, default=16,
+                   help="with --skip-woodbury: gradients per batched Fisher call (the callback's grad_chunk)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--eval-f1", action="store_true",
                    help="also the full-validation entity F1 after the one-shot step, per update mode (CoNLL only)")
@@ -144,16 +146,17 @@ def main(argv: list[str] | None = None) -> int:
             for n in names
         }
     grads = [[] for _ in names]
+
     t = time.perf_counter()
-    for gs in sampler.sample(model, params, a.num_grads, round_key=0):
-        if a.skip_woodbury:
-            t_f = time.perf_counter()
-            for n, g in zip(names, gs, strict=True):
-                finvs[n].add_grads(g)
+    for i, gs in enumerate(sampler.sample(model, params, a.num_grads, round_key=0)):
+        for buf, g in zip(grads, gs, strict=True):
+            buf.append(g)
+        if a.skip_woodbury and (len(grads[0]) == a.grad_chunk or i == a.num_grads - 1):
+            t_f = time.perf_counter()  # one batched Fisher call per layer for the buffered chunk
+            for n, buf in zip(names, grads, strict=True):
+                finvs[n].add_grads(torch.stack(buf))
+                buf.clear()
             t_fisher_stream += time.perf_counter() - t_f
-        else:
-            for buf, g in zip(grads, gs, strict=True):
-                buf.append(g)
     t_collect = time.perf_counter() - t - t_fisher_stream
     record.update(device=f"{device} ({torch.get_num_threads()} threads)", data=source, layers=len(names), d=d,
                   fisher_bytes=fbytes, collect_s=t_collect)
