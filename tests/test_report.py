@@ -93,6 +93,13 @@ def test_method_sparsity_table_pivots_runs_and_oneshot(tmp_path):
     _write(tmp_path, "dense", 0.9, 0.0)
     _write(tmp_path, "magnitude_90", 0.81, 0.9, "magnitude")
     _write(tmp_path, "obert_80", 0.855, 0.8, "obert")
+    obert_m = tmp_path / "obert_90_m64"
+    obert_m.mkdir()
+    (obert_m / "metrics.json").write_text(json.dumps({
+        "name": "obert_90_m64", "eval_f1": 0.864, "sparsity": 0.9,
+        "config": {"training": {"num_train_epochs": 3},
+                   "pruning": {"method": "obert", "method_kwargs": {"num_grads": 64}}},
+    }))
     nm = tmp_path / "nm_2_4_wanda"
     nm.mkdir()
     (nm / "metrics.json").write_text(json.dumps({
@@ -109,6 +116,7 @@ def test_method_sparsity_table_pivots_runs_and_oneshot(tmp_path):
     assert table[0] == "| method | 80% | 90% | 2:4 |"
     assert "| magnitude | – | 0.8100 (90.0%, 3 ep) | – |" in table
     assert "| obert | 0.8550 (95.0%, 3 ep) | – | – |" in table
+    assert "| obert (m=64) | – | 0.8640 (96.0%, 3 ep) | – |" in table  # m is part of the row: runs differ by it
     assert "| nm (wanda) | – | – | 0.8800 (97.8%, 1 ep) |" in table
     assert "| one-shot sparsegpt | 0.6000 | – | – |" in table
     assert "| one-shot sparsegpt + OWL | 0.7000 | – | – |" in table

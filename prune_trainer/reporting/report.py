@@ -29,6 +29,14 @@ def _method(run: dict[str, Any]) -> str:
     return f"{method}-{variant}" if variant else method
 
 
+def _method_variant(run: dict[str, Any]) -> str:
+    """``_method`` plus the setting that makes runs of one method incomparable: oBERT's gradient count m."""
+    pruning = (run.get("config") or {}).get("pruning") or {}
+    num_grads = (pruning.get("method_kwargs") or {}).get("num_grads")
+    method = _method(run)
+    return f"{method} (m={num_grads})" if method == "obert" and num_grads is not None else method
+
+
 def _epochs(run: dict[str, Any]) -> str:
     training = (run.get("config") or {}).get("training") or {}
     if training.get("max_steps", -1) not in (-1, None):
@@ -80,7 +88,7 @@ def _row_label(run: dict[str, Any]) -> str:
     """Row of the method × sparsity table: the method, with the N:M score (and a dynamic mask) spelled out."""
     pruning = (run.get("config") or {}).get("pruning") or {}
     kwargs = pruning.get("method_kwargs") or {}
-    label = _method(run)
+    label = _method_variant(run)
     if pruning.get("method") == "nm":
         label = f"nm ({kwargs.get('score', 'magnitude')}{', ' + kwargs['dynamic'] if kwargs.get('dynamic') else ''})"
     elif label == "dense":  # another dense model (e.g. dense_emb64): its own row, not the reference's
@@ -225,7 +233,7 @@ def plot_runs(runs: list[dict[str, Any]], out_dir: Path) -> list[Path]:
     fig, ax = plt.subplots(figsize=(6, 4))
     by_series: dict[str, list[tuple[float, float]]] = {}  # one line per method and training budget
     for run in runs:
-        method, budget = _method(run), _epochs(run)
+        method, budget = _method_variant(run), _epochs(run)
         budget = budget if budget.endswith("steps") else f"{budget} ep"
         label = run["name"] if method == "dense" else f"{method}, {budget}"  # a dense model is one point
         by_series.setdefault(label, []).append((run.get("sparsity", 0.0), run["eval_f1"]))
