@@ -147,16 +147,22 @@ def main(argv: list[str] | None = None) -> int:
         }
     grads = [[] for _ in names]
 
+    def flush(bufs: list[list[torch.Tensor]], fisher: dict[str, BlockFisherInverse]) -> float:
+        """One batched Fisher call per layer for the buffered chunk; returns its time."""
+        t_f = time.perf_counter()
+        for n, buf in zip(names, bufs, strict=True):
+            fisher[n].add_grads(torch.stack(buf))
+            buf.clear()
+        return time.perf_counter() - t_f
+
     t = time.perf_counter()
-    for i, gs in enumerate(sampler.sample(model, params, a.num_grads, round_key=0)):
+    for gs in sampler.sample(model, params, a.num_grads, round_key=0):
         for buf, g in zip(grads, gs, strict=True):
             buf.append(g)
-        if a.skip_woodbury and (len(grads[0]) == a.grad_chunk or i == a.num_grads - 1):
-            t_f = time.perf_counter()  # one batched Fisher call per layer for the buffered chunk
-            for n, buf in zip(names, grads, strict=True):
-                finvs[n].add_grads(torch.stack(buf))
-                buf.clear()
-            t_fisher_stream += time.perf_counter() - t_f
+        if a.skip_woodbury and len(grads[0]) == a.grad_chunk:
+            t_fisher_stream += flush(grads, finvs)
+    if a.skip_woodbury and grads[0]:  # the last, partial chunk (whatever number of gradients the sampler gave)
+        t_fisher_stream += flush(grads, finvs)
     t_collect = time.perf_counter() - t - t_fisher_stream
     record.update(device=f"{device} ({torch.get_num_threads()} threads)", data=source, layers=len(names), d=d,
                   fisher_bytes=fbytes, collect_s=t_collect)
