@@ -22,8 +22,13 @@ def load_runs(results_dir: str | Path) -> list[dict[str, Any]]:
     return runs
 
 
+def _config_section(run: dict[str, Any], key: str) -> dict[str, Any]:
+    """One section (``pruning``, ``training``, ...) of a run's stored config; ``{}`` when absent (dense runs)."""
+    return (run.get("config") or {}).get(key) or {}
+
+
 def _method(run: dict[str, Any]) -> str:
-    pruning = (run.get("config") or {}).get("pruning") or {}
+    pruning = _config_section(run, "pruning")
     method = pruning.get("method", "dense")
     variant = (pruning.get("method_kwargs") or {}).get("variant")
     return f"{method}-{variant}" if variant else method
@@ -31,14 +36,14 @@ def _method(run: dict[str, Any]) -> str:
 
 def _method_variant(run: dict[str, Any]) -> str:
     """``_method`` plus the setting that makes runs of one method incomparable: oBERT's gradient count m."""
-    pruning = (run.get("config") or {}).get("pruning") or {}
+    pruning = _config_section(run, "pruning")
     num_grads = (pruning.get("method_kwargs") or {}).get("num_grads")
     method = _method(run)
     return f"{method} (m={num_grads})" if method == "obert" and num_grads is not None else method
 
 
 def _epochs(run: dict[str, Any]) -> str:
-    training = (run.get("config") or {}).get("training") or {}
+    training = _config_section(run, "training")
     if training.get("max_steps", -1) not in (-1, None):
         return f"{training['max_steps']} steps"
     return str(training.get("num_train_epochs", "?"))
@@ -77,7 +82,7 @@ def results_table(runs: list[dict[str, Any]]) -> str:
 
 def _level(run: dict[str, Any]) -> str:
     """Column of the method × sparsity table: the N:M pattern, else the reached sparsity in percent."""
-    pruning = (run.get("config") or {}).get("pruning") or {}
+    pruning = _config_section(run, "pruning")
     pattern = (pruning.get("schedule") or {}).get("pattern")
     if pattern and pattern != "unstructured":
         return str(pattern)
@@ -86,7 +91,7 @@ def _level(run: dict[str, Any]) -> str:
 
 def _row_label(run: dict[str, Any]) -> str:
     """Row of the method × sparsity table: the method, with the N:M score (and a dynamic mask) spelled out."""
-    pruning = (run.get("config") or {}).get("pruning") or {}
+    pruning = _config_section(run, "pruning")
     kwargs = pruning.get("method_kwargs") or {}
     label = _method_variant(run)
     if pruning.get("method") == "nm":
