@@ -100,6 +100,13 @@ def test_method_sparsity_table_pivots_runs_and_oneshot(tmp_path):
         "config": {"training": {"num_train_epochs": 3},
                    "pruning": {"method": "obert", "method_kwargs": {"num_grads": 64}}},
     }))
+    summed = tmp_path / "obert_90_summed"
+    summed.mkdir()
+    (summed / "metrics.json").write_text(json.dumps({
+        "name": "obert_90_summed", "eval_f1": 0.862, "sparsity": 0.9,
+        "config": {"training": {"num_train_epochs": 3},
+                   "pruning": {"method": "obert", "method_kwargs": {"num_grads": 64, "update": "summed"}}},
+    }))
     nm = tmp_path / "nm_2_4_wanda"
     nm.mkdir()
     (nm / "metrics.json").write_text(json.dumps({
@@ -117,6 +124,7 @@ def test_method_sparsity_table_pivots_runs_and_oneshot(tmp_path):
     assert "| magnitude | – | 0.8100 (90.0%, 3 ep) | – |" in table
     assert "| obert | 0.8550 (95.0%, 3 ep) | – | – |" in table
     assert "| obert (m=64) | – | 0.8640 (96.0%, 3 ep) | – |" in table  # m is part of the row: runs differ by it
+    assert "| obert (m=64, summed) | – | 0.8620 (95.8%, 3 ep) | – |" in table  # so is a non-default update
     assert "| nm (wanda) | – | – | 0.8800 (97.8%, 1 ep) |" in table
     assert "| one-shot sparsegpt | 0.6000 | – | – |" in table
     assert "| one-shot sparsegpt + OWL | 0.7000 | – | – |" in table

@@ -35,11 +35,16 @@ def _method(run: dict[str, Any]) -> str:
 
 
 def _method_variant(run: dict[str, Any]) -> str:
-    """``_method`` plus the setting that makes runs of one method incomparable: oBERT's gradient count m."""
-    pruning = _config_section(run, "pruning")
-    num_grads = (pruning.get("method_kwargs") or {}).get("num_grads")
+    """``_method`` plus the oBERT settings that tell its runs apart: gradient count m, and the weight update
+    when it is not the default joint solve (e.g. ``obert (m=512, summed)``)."""
     method = _method(run)
-    return f"{method} (m={num_grads})" if method == "obert" and num_grads is not None else method
+    if method != "obert":
+        return method
+    kwargs = _config_section(run, "pruning").get("method_kwargs") or {}
+    parts = [f"m={kwargs['num_grads']}"] if kwargs.get("num_grads") is not None else []
+    if kwargs.get("update", "joint") != "joint":
+        parts.append(str(kwargs["update"]))
+    return f"{method} ({', '.join(parts)})" if parts else method
 
 
 def _epochs(run: dict[str, Any]) -> str:
