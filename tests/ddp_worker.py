@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from helpers import make_trainer, tiny_bert  # noqa: E402
+from helpers import end_process_group, make_trainer, tiny_bert  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
 from prune_trainer import MagnitudePruningCallback, PruningConfig, PruningSchedule  # noqa: E402
@@ -54,12 +54,7 @@ def main(out: str, method: str = "magnitude") -> None:
         },
         Path(out) / f"rank{rank}.pt",
     )
-    # Exiting with the gloo group alive can abort a rank at interpreter teardown ("terminate called without an
-    # active exception", SIGABRT; seen once in CI): destroy it while Python is still whole.
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
-
+    end_process_group()
 
 if __name__ == "__main__":
     main(*sys.argv[1:3])

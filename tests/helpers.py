@@ -123,3 +123,14 @@ def make_trainer(output_dir, model, callbacks=(), n_train: int = 64, **training_
         preprocess_logits_for_metrics=preprocess_logits_for_metrics,
         callbacks=list(callbacks),
     )
+
+
+def end_process_group() -> None:
+    """Barrier, then destroy the gloo group while Python is still whole.
+
+    Exiting with the group alive can abort a rank at interpreter teardown ("terminate called without an active
+    exception", SIGABRT; seen once in CI). Used by every DDP test worker.
+    """
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from helpers import tiny_bert, tiny_datasets
+from helpers import end_process_group, tiny_bert, tiny_datasets
 from transformers import DataCollatorForTokenClassification
 
 from prune_trainer.callbacks.obert import OBERTPruningCallback
@@ -42,8 +42,10 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     try:
         for form in FORMS:  # direct: all-reduce of Σ GᵀG; woodbury: all-gather of each gradient chunk
             torch.save(_prune(form), os.path.join(out_dir, f"{form}_rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+        end_process_group()  # barrier + destroy: no rank tears down while the other still talks
+    finally:  # on an error: no barrier (the other rank may never reach it), just destroy
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def _free_port() -> int:
