@@ -51,7 +51,12 @@ def test_report_reads_one_oneshot_folder_per_dense_model(tmp_path):
     readme = (tmp_path / "README.md").read_text()
     # the pivot shows the grid on the training runs' dense model only (oneshot_dense), not the factorized one
     assert "| dense (dense_emb64) | 0.8600 (95.6%, 3 ep) | – | – |" in readme
-    assert "| one-shot sparsegpt | – | 0.8500 | 0.7500 |" in readme and "0.6500" not in readme.split("## Costs")[0]
+    # beside the dense model's one-shot cells: the issue's reference points (authors' code, same setting)
+    assert "| one-shot sparsegpt | – | 0.8500 (authors 0.896) | 0.7500 (authors 0.782) |" in readme
+    # the factorized model's 4096-sentence grid: its own table, with the deep-dive's Table 1 beside it
+    table1 = readme.split("deep-dive's Table 1 setting")[1].split("## Costs")[0]
+    assert "`dense_emb64` has F1 0.8600" in table1 and "| one-shot sparsegpt | 0.7500 (paper 0.869) |" in table1
+    assert "0.6500" not in readme.split("## Costs")[0]  # n1024 in the emb64 folder: in no F1 table
     # the costs list each folder's grid on its own
     assert "(`oneshot_dense/oneshot_results*.json`)" in readme and "(`oneshot_emb64/oneshot_results*.json`)" in readme
     assert "| sparsegpt | 4096 | 1 | 40.0 s (40.0–40.0) | 4.0 s |" in readme
@@ -119,7 +124,8 @@ def test_method_sparsity_table_pivots_runs_and_oneshot(tmp_path):
         "sparsegpt|0.8|owl|n1024|s0": {"eval_f1": 0.7},
         "sparsegpt|0.8|uniform|n4096|s0": {"eval_f1": 0.65},  # other calibration size: not in the table
     }
-    table = method_sparsity_table(load_runs(tmp_path), oneshot).splitlines()
+    table = method_sparsity_table(load_runs(tmp_path), oneshot, reference={("sparsegpt", "0.8", "owl"): 0.791},
+                                  reference_label="paper").splitlines()
     assert table[0] == "| method | 80% | 90% | 2:4 |"
     assert "| magnitude | – | 0.8100 (90.0%, 3 ep) | – |" in table
     assert "| obert | 0.8550 (95.0%, 3 ep) | – | – |" in table
@@ -127,6 +133,16 @@ def test_method_sparsity_table_pivots_runs_and_oneshot(tmp_path):
     assert "| obert (m=64, summed) | – | 0.8620 (95.8%, 3 ep) | – |" in table  # so is a non-default update
     assert "| nm (wanda) | – | – | 0.8800 (97.8%, 1 ep) |" in table
     assert "| one-shot sparsegpt | 0.6000 | – | – |" in table
-    assert "| one-shot sparsegpt + OWL | 0.7000 | – | – |" in table
+    assert "| one-shot sparsegpt + OWL | 0.7000 (paper 0.791) | – | – |" in table  # reference of that setting only
     assert not any("0.6500" in line for line in table)
     assert table[-1].startswith("| one-shot")  # training-time methods first
+
+
+def test_paper_and_issue_references():
+    from prune_trainer.reporting.report import issue_reference, paper_reference
+
+    paper, issue = paper_reference(), issue_reference()
+    # levels spelled as in the grid's setting keys ("0.8", "2:4"), uniform and OWL columns kept apart
+    assert paper[("obs", "0.8", "uniform")] == 0.804 and paper[("obs", "0.8", "owl")] == 0.816
+    assert paper[("wanda", "0.6", "owl")] == 0.826 and len(paper) == 4 * 3 * 2
+    assert issue[("sparsegpt", "2:4", "uniform")] == 0.875 and len(issue) == 12

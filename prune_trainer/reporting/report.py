@@ -111,10 +111,13 @@ def _level_key(level: str) -> tuple[int, float]:
 
 
 def method_sparsity_table(runs: list[dict[str, Any]], oneshot: dict[str, dict[str, Any]] | None = None,
-                          calib: int = 1024) -> str:
+                          calib: int = 1024, reference: dict[tuple[str, str, str], float] | None = None,
+                          reference_label: str = "ref") -> str:
     """Markdown pivot: one row per method, one column per sparsity level (or N:M pattern); a cell is
     ``F1 (% of dense, epochs)`` of the run at that level (several runs: one per line), one-shot rows
-    (``oneshot_results*.json`` at ``calib`` sentences, uniform and OWL) without training."""
+    (``oneshot_results*.json`` at ``calib`` sentences, uniform and OWL) without training. ``reference``
+    maps ``(method, level, "uniform"|"owl")`` (the setting key's spelling, e.g. ``("obs", "0.8", "owl")``) to
+    a published F1, shown beside that one-shot cell as ``(<reference_label> 0.804)``."""
     dense = next((r for r in runs if r["name"] == "dense"), None)
     cells: dict[str, dict[str, list[str]]] = {}
     for run in runs:
@@ -128,9 +131,11 @@ def method_sparsity_table(runs: list[dict[str, Any]], oneshot: dict[str, dict[st
         if len(parts) < 4 or parts[3] != f"n{calib}" or "eval_f1" not in res:
             continue
         method, level, dist = parts[0], parts[1], parts[2]
+        ref = (reference or {}).get((method, level, dist))
+        cell = f"{res['eval_f1']:.4f}" + (f" ({reference_label} {ref:.3f})" if ref is not None else "")
         level = level if ":" in level else f"{round(100 * float(level))}%"
         label = f"one-shot {method}" + (" + OWL" if dist == "owl" else "")
-        cells.setdefault(label, {}).setdefault(level, []).append(f"{res['eval_f1']:.4f}")
+        cells.setdefault(label, {}).setdefault(level, []).append(cell)
     levels = sorted({lv for row in cells.values() for lv in row}, key=_level_key)
     lines = [
         "| method | " + " | ".join(levels) + " |",
@@ -184,6 +189,26 @@ def cost_table(runs: list[dict[str, Any]]) -> str:
 
 ONESHOT_PIVOT_DIR = "oneshot_dense"
 """Folder of the one-shot grid on the same dense model the training runs start from (rows of the pivot table)."""
+ONESHOT_TABLE1_DIR = "oneshot_emb64"
+"""Folder of the one-shot grid in the deep-dive's Table 1 setting (factorized embeddings, 4096 sentences)."""
+
+
+def issue_reference() -> dict[tuple[str, str, str], float]:
+    """Issue 6's reference points (the authors' SparseGPT / Wanda code on the dense model, 1024 sentences, uniform)."""
+    from prune_trainer.oneshot.experiments import ISSUE_REFERENCE
+
+    return {(m, lv, "uniform"): f1 for m, levels in ISSUE_REFERENCE.items() for lv, f1 in levels.items()}
+
+
+def paper_reference() -> dict[tuple[str, str, str], float]:
+    """The deep-dive's Table 1 (bert-base-cased, factorized embeddings, 4096 samples): F1 uniform and OWL."""
+    from prune_trainer.oneshot.experiments import PAPER_TABLE
+
+    out: dict[tuple[str, str, str], float] = {}
+    for level, methods in PAPER_TABLE.items():
+        for method, (uniform, owl, _time) in methods.items():
+            out[(method, str(level), "uniform")], out[(method, str(level), "owl")] = uniform, owl
+    return out
 
 
 def oneshot_folders(results_dir: str | Path) -> list[Path]:
@@ -305,11 +330,30 @@ def write_report(results_dir: str | Path = "results") -> Path:
         "Validation F1 of each training-time run (% of the dense F1, epochs) at the sparsity it reached, and the "
         "one-shot settings (no training; 1024 calibration sentences; uniform or OWL layer-wise sparsity) from "
         f"`{pivot_dir.relative_to(results_dir).as_posix() + '/' if pivot_dir != results_dir else ''}"
-        "oneshot_results*.json` (one-shot pruning of the dense model the training runs start from). `–`: not run.",
+        "oneshot_results*.json` (one-shot pruning of the dense model the training runs start from); beside a "
+        "one-shot F1, in parentheses, the issue's reference point at the same setting measured with the authors' "
+        "own SparseGPT / Wanda code (`authors`). `–`: not run.",
         "",
-        method_sparsity_table(runs, load_oneshot_results(pivot_dir)),
+        method_sparsity_table(runs, load_oneshot_results(pivot_dir), reference=issue_reference(),
+                              reference_label="authors"),
         "",
     ]
+    table1_dir = results_dir / ONESHOT_TABLE1_DIR
+    if any(table1_dir.glob("oneshot_results*.json")):
+        from prune_trainer.oneshot.experiments import PAPER_DENSE_F1
+
+        emb64 = next((r for r in runs if r["name"] == "dense_emb64"), None)
+        dense_note = (f"the dense model `dense_emb64` has F1 {emb64['eval_f1']:.4f}; " if emb64 else "")
+        text += [
+            "One-shot pruning in the deep-dive's Table 1 setting (`" + ONESHOT_TABLE1_DIR + "/oneshot_results*.json`: "
+            "rank-64 factorized word embeddings, 4096 calibration sentences, every encoder Linear); beside each F1, "
+            f"in parentheses, the paper's number for bert-base-cased (`paper`; {dense_note}the paper's dense "
+            f"{PAPER_DENSE_F1}). Times and analysis: [oneshot_table.md](oneshot_table.md).",
+            "",
+            method_sparsity_table([], load_oneshot_results(table1_dir), calib=4096, reference=paper_reference(),
+                                  reference_label="paper"),
+            "",
+        ]
     for plot in plots:
         text += [f"![{plot.stem}]({plot.name})", ""]
     text += [
