@@ -56,5 +56,6 @@ def main(out: str, method: str = "magnitude") -> None:
     )
     end_process_group()
 
+
 if __name__ == "__main__":
     main(*sys.argv[1:3])
