@@ -11,6 +11,7 @@ import yaml
 
 from prune_trainer.masking.inject import DEFAULT_EXCLUDE, DEFAULT_TARGETS
 from prune_trainer.schedules.schedule import PruningSchedule
+from prune_trainer.yaml_io import load_yaml
 
 
 @dataclass
@@ -57,4 +58,4 @@ class PruningConfig:
     def from_yaml(cls, text_or_path: str | Path) -> PruningConfig:
         path = Path(text_or_path)
         text = path.read_text() if path.suffix in (".yaml", ".yml") and path.is_file() else str(text_or_path)
-        return cls.from_dict(yaml.safe_load(text) or {})
+        return cls.from_dict(load_yaml(text) or {})

@@ -36,9 +36,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from prune_trainer.recipes.runner import last_checkpoint_step, load_recipe
+from prune_trainer.yaml_io import load_yaml
 
 DEFAULT_PLAN = "recipes/reproduce.yaml"
 STEP_KINDS = ("recipe", "oneshot", "oneshot_table", "oneshot_samples", "report")
@@ -104,7 +103,7 @@ def load_plan(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"plan {str(path)!r} does not exist")
-    plan = yaml.safe_load(path.read_text()) or {}
+    plan = load_yaml(path.read_text()) or {}
     if not isinstance(plan, dict) or not isinstance(plan.get("steps"), list) or not plan["steps"]:
         raise ValueError(f"plan {path} must be a mapping with a non-empty list 'steps'")
     for i, spec in enumerate(plan["steps"], 1):

@@ -4,7 +4,7 @@ A recipe has the keys ``name``, ``model``, ``init_from``, ``data``, ``training``
 `TrainingArguments` field), ``pruning`` (a `PruningConfig`, or null for dense), ``output_dir`` and
 ``factorize_embeddings`` (a rank r: train with the word embeddings replaced by their rank-r SVD factors
 ``A B``, deep-dive §5.1; the exported checkpoint holds the plain product, loadable as a standard BERT).
-``--set a.b=value`` overrides any key (value parsed as YAML).
+``--set a.b=value`` overrides any key (value parsed as YAML; ``2e-4`` is a float, `load_yaml`).
 
 Besides F1 and sparsity, ``metrics.json`` records the run's costs: ``wall_time_s``, ``peak_rss_mib`` (peak
 resident memory of the process, from ``getrusage``), ``pruning_time_s`` / ``pruning_steps`` (time spent in the
@@ -25,6 +25,7 @@ from typing import Any
 import yaml
 
 from prune_trainer.masking.selection import check_sparsity
+from prune_trainer.yaml_io import load_yaml
 
 RECIPE_KEYS = {
     "name", "model", "init_from", "data", "training", "pruning", "output_dir", "description", "distillation",
@@ -54,7 +55,7 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"recipe {str(path)!r} does not exist")
-    recipe = yaml.safe_load(path.read_text()) or {}
+    recipe = load_yaml(path.read_text()) or {}
     if not isinstance(recipe, dict):
         raise ValueError(f"recipe {path} must be a mapping, got {type(recipe).__name__}")
     recipe.setdefault("name", path.stem)
@@ -70,7 +71,7 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> 
 
 
 def apply_override(recipe: dict[str, Any], item: str) -> None:
-    """Apply one ``dotted.key=value`` override in place (value parsed as YAML)."""
+    """Apply one ``dotted.key=value`` override in place (value parsed by `load_yaml`)."""
     if "=" not in item:
         raise ValueError(f"override {item!r} must look like key.sub=value")
     key, value = item.split("=", 1)
@@ -82,7 +83,7 @@ def apply_override(recipe: dict[str, Any], item: str) -> None:
         node = node[part]
         if not isinstance(node, dict):
             raise ValueError(f"override {item!r}: {part!r} is not a mapping")
-    parsed = yaml.safe_load(value)
+    parsed = load_yaml(value)
     if isinstance(parsed, int) and ":" in value:  # YAML 1.1 reads "2:4" as a base-60 integer
         parsed = value
     node[parts[-1]] = parsed
