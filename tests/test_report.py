@@ -112,6 +112,13 @@ def test_method_sparsity_table_pivots_runs_and_oneshot(tmp_path):
         "config": {"training": {"num_train_epochs": 3},
                    "pruning": {"method": "obert", "method_kwargs": {"num_grads": 64, "update": "summed"}}},
     }))
+    fast = tmp_path / "obert_90_lr2e-4"
+    fast.mkdir()
+    (fast / "metrics.json").write_text(json.dumps({
+        "name": "obert_90_lr2e-4", "eval_f1": 0.873, "sparsity": 0.9,
+        "config": {"training": {"num_train_epochs": 3, "learning_rate": 2.0e-4},
+                   "pruning": {"method": "obert", "method_kwargs": {"num_grads": 64}}},
+    }))
     nm = tmp_path / "nm_2_4_wanda"
     nm.mkdir()
     (nm / "metrics.json").write_text(json.dumps({
@@ -131,6 +138,7 @@ def test_method_sparsity_table_pivots_runs_and_oneshot(tmp_path):
     assert "| obert | 0.8550 (95.0%, 3 ep) | – | – |" in table
     assert "| obert (m=64) | – | 0.8640 (96.0%, 3 ep) | – |" in table  # m is part of the row: runs differ by it
     assert "| obert (m=64, summed) | – | 0.8620 (95.8%, 3 ep) | – |" in table  # so is a non-default update
+    assert "| obert (m=64, lr=2e-04) | – | 0.8730 (97.0%, 3 ep) | – |" in table  # and the learning rate
     assert "| nm (wanda) | – | – | 0.8800 (97.8%, 1 ep) |" in table
     assert "| one-shot sparsegpt | 0.6000 | – | – |" in table
     assert "| one-shot sparsegpt + OWL | 0.7000 (paper 0.791) | – | – |" in table  # reference of that setting only

@@ -35,13 +35,16 @@ def _method(run: dict[str, Any]) -> str:
 
 
 def _method_variant(run: dict[str, Any]) -> str:
-    """``_method`` plus the oBERT settings that tell its runs apart: gradient count m, and the weight update
-    when it is not the default joint solve (e.g. ``obert (m=512, summed)``)."""
+    """``_method`` plus the oBERT settings that tell its runs apart: gradient count m, learning rate, and the
+    weight update when it is not the default joint solve (e.g. ``obert (m=512, lr=2e-04, summed)``)."""
     method = _method(run)
     if method != "obert":
         return method
     kwargs = _config_section(run, "pruning").get("method_kwargs") or {}
     parts = [f"m={kwargs['num_grads']}"] if kwargs.get("num_grads") is not None else []
+    learning_rate = _config_section(run, "training").get("learning_rate")
+    if learning_rate is not None:
+        parts.append(f"lr={float(learning_rate):.0e}")
     if kwargs.get("update", "joint") != "joint":
         parts.append(str(kwargs["update"]))
     return f"{method} ({', '.join(parts)})" if parts else method
