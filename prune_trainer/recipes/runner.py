@@ -141,7 +141,7 @@ def last_checkpoint_step(ckpt_dir: str | os.PathLike) -> int | None:
 
 def run_recipe(recipe: dict[str, Any], results_root: str | os.PathLike = "results") -> dict[str, Any]:
     """Run a recipe end to end; return the metrics written to ``<output_dir>/metrics.json``."""
-    from transformers import DataCollatorForTokenClassification, Trainer, TrainingArguments
+    from transformers import DataCollatorForTokenClassification, Trainer, TrainingArguments, set_seed
 
     from prune_trainer.callbacks import SparsityLoggingCallback, make_pruning_callback
     from prune_trainer.config import PruningConfig
@@ -167,6 +167,9 @@ def run_recipe(recipe: dict[str, Any], results_root: str | os.PathLike = "result
     # Everything that can be checked before training is checked before anything is written.
     splits = load_conll_splits(data_cfg.get("data_dir"), data_cfg.get("hub_dataset", "eriktks/conll2003"))
     model_src = recipe.get("init_from") or recipe.get("model")
+    # A checkpoint without a token-classification head (the embedded model, bert-base-cased) gets a new one drawn
+    # from the global RNG: seed it first, as HF's example scripts do, so the same recipe trains the same run.
+    set_seed(int(training["seed"]))
     model, tokenizer = load_model_and_tokenizer(model_src)
     embedding_rank = recipe.get("factorize_embeddings")
     if embedding_rank is not None:
