@@ -7,13 +7,20 @@ Prints, per method, the wall time of the whole layer-sequential run (calibration
 statistics + pruning) and of the pruning math alone, with ratios to SparseGPT measured in the same
 run; then OBS vectorised over rows against OBS one row at a time on one layer (``--layer-rows``).
 Use ``--calib-samples 64 --methods wanda,sparsegpt`` for a quick check; ``--shapes 384x384,1536x384,384x1536``
-times the per-layer pruners alone on random layers of the encoder's shapes.
+times the per-layer pruners alone on random layers of the encoder's shapes; add ``--obs-baseline REV`` to time
+the OBS of git revision ``REV`` (its ``prune_trainer/oneshot/obs.py``) side by side with the current one on the
+same layers.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import subprocess
+import tempfile
 import time
+from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -59,9 +66,26 @@ def bench_obs_vectorisation(rows: int, cols: int, sparsity: float) -> None:
           f"speed-up {t_slow / t_fast:.1f}x, same result: {same}")
 
 
-def bench_layer_shapes(shapes: list[tuple[int, int]], sparsity: float, tokens: int) -> None:
+def load_obs_at(rev: str) -> Callable:
+    """``obs_prune`` as committed at git revision ``rev`` (loaded from ``git show``, current imports)."""
+    source = subprocess.run(
+        ["git", "show", f"{rev}:prune_trainer/oneshot/obs.py"], check=True, capture_output=True, text=True
+    ).stdout
+    path = Path(tempfile.mkdtemp()) / f"obs_{rev}.py"
+    path.write_text(source)
+    spec = importlib.util.spec_from_file_location(f"obs_{rev}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.obs_prune
+
+
+def bench_layer_shapes(
+    shapes: list[tuple[int, int]], sparsity: float, tokens: int, obs_baseline: str = ""
+) -> None:
     """Per-layer solve time of every method on random layers of the encoder's shapes (same X)."""
     from prune_trainer.oneshot.registry import ONESHOT_METHODS
+
+    baseline = load_obs_at(obs_baseline) if obs_baseline else None
 
     g = torch.Generator().manual_seed(0)
     for rows, cols in shapes:
@@ -73,9 +97,19 @@ def bench_layer_shapes(shapes: list[tuple[int, int]], sparsity: float, tokens: i
             t0 = time.perf_counter()
             method.prune(W, stats, sparsity)
             times[name] = time.perf_counter() - t0
+        agreement = ""
+        if baseline is not None:
+            W_new, keep_new = ONESHOT_METHODS["obs"].prune(W, stats, sparsity)
+            t0 = time.perf_counter()
+            W_old, keep_old = baseline(W, stats, sparsity)
+            times[f"obs@{obs_baseline}"] = time.perf_counter() - t0
+            err_new, err_old = (float(((W - Wh) @ X.T).norm()) for Wh in (W_new, W_old))
+            same = float((keep_new == keep_old).float().mean())
+            agreement = (f"; OBS vs obs@{obs_baseline}: masks {same:.4%} equal, "
+                         f"reconstruction error {err_new:.6g} vs {err_old:.6g}")
         ref = times["sparsegpt"]
         print(f"layer {rows}x{cols} @ {sparsity}: " + ", ".join(
-            f"{n} {t:.3f}s ({t / ref:.1f}x SparseGPT)" for n, t in times.items()))
+            f"{n} {t:.3f}s ({t / ref:.1f}x SparseGPT)" for n, t in times.items()) + agreement)
 
 
 def main() -> None:
@@ -90,11 +124,12 @@ def main() -> None:
     parser.add_argument("--layer-cols", type=int, default=384)
     parser.add_argument("--shapes", default="", help="per-layer mode, e.g. 384x384,1536x384,384x1536 (skips the model)")
     parser.add_argument("--tokens", type=int, default=4096, help="calibration tokens in per-layer mode")
+    parser.add_argument("--obs-baseline", default="", help="per-layer mode: also time OBS as of this git revision")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.shapes:
         shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
-        bench_layer_shapes(shapes, args.sparsity, args.tokens)
+        bench_layer_shapes(shapes, args.sparsity, args.tokens, args.obs_baseline)
         return
     bench_methods(args)
     if args.layer_rows:

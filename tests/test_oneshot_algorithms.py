@@ -55,9 +55,23 @@ def test_obs_equals_brute_force_sequential_solve(lazy):
     assert torch.equal(keep, expected != 0)
 
 
-def test_obs_nm_equals_constrained_brute_force():
+def test_obs_equals_brute_force_through_repeated_shrinking():
+    """18 of 24 inputs pruned two at a time: the pruned positions are dropped from H⁻¹ four times."""
+    W, X, stats = random_layer(3, rows=3, cols=24, tokens=96)
+    W_before = W.clone()
+    W_obs, keep = obs_prune(W, stats, 0.75, lazy=2, dtype=torch.float64)
+    assert torch.equal(W, W_before)  # the caller's weight is not updated in place
+    H = 2.0 * X.T @ X / X.shape[0]
+    H = H + 0.01 * torch.diagonal(H).mean() * torch.eye(24, dtype=H.dtype)
+    expected = brute_force_obs(W, H, 18)
+    torch.testing.assert_close(W_obs, expected, rtol=1e-7, atol=1e-9)
+    assert torch.equal(keep, expected != 0)
+
+
+@pytest.mark.parametrize("lazy", [1, 32])
+def test_obs_nm_equals_constrained_brute_force(lazy):
     W, X, stats = random_layer(1, rows=3, cols=8, tokens=40)
-    W_obs, keep = obs_prune(W, stats, 0.0, prunen=2, prunem=4, dtype=torch.float64)
+    W_obs, keep = obs_prune(W, stats, 0.0, prunen=2, prunem=4, lazy=lazy, dtype=torch.float64)
     assert (keep.reshape(3, 2, 4).sum(-1) == 2).all()
     # The remaining weights are the exact least-squares re-fit on the kept support.
     H = 2.0 * X.T @ X / X.shape[0]

@@ -27,47 +27,56 @@ def _take_rows(mats: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
     return mats.reshape(B * r, c).index_select(0, flat).view(B, pos.shape[1], c)
 
 
+def _take_square(mats: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """``mats[b][pos[b]][:, pos[b]]``: whole rows first, then columns read along each row (cache-friendly)."""
+    rows = _take_rows(mats, pos)
+    B, n = pos.shape
+    return torch.gather(rows, 2, pos[:, None, :].expand(B, n, n))
+
+
 def _obs_rows(
     w: torch.Tensor, hinv: torch.Tensor, n_prune: int, prunen: int, prunem: int, lazy: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Greedy OBS on a ``(B, d)`` chunk of rows sharing the initial ``(d, d)`` inverse Hessian."""
     B, d = w.shape
-    ar = torch.arange(B)
+    w = w.clone()  # updated in place below
     idx = torch.arange(d).expand(B, d).contiguous()  # original input index of each current position
-    base = hinv.expand(B, d, d).clone()
+    base = hinv.expand(B, d, d).contiguous()  # row-major copy per row (batched GEMM in place)
     gone = torch.zeros(B, d, dtype=torch.bool)  # pruned positions not yet dropped from ``base``
     pruned = torch.zeros(B, d, dtype=torch.bool)  # pruned, by original index
     group_count = torch.zeros(B, d // prunem, dtype=torch.long) if prunen else None
     done = 0
     while done < n_prune:
         r = w.shape[1]
+        row_start = r * torch.arange(B)
         nb = min(lazy, n_prune - done)
         diag = torch.diagonal(base, dim1=1, dim2=2).clone()
         V = w.new_empty(B, nb, r)
         for t in range(nb):
-            score = (w.square() / diag).masked_fill(gone, math.inf)
+            score = torch.div(w.square(), diag).masked_fill_(gone, math.inf)
             if prunen:
-                score = score.masked_fill(group_count.gather(1, idx // prunem) >= prunem - prunen, math.inf)
-            q = score.argmin(1)
-            col = base[ar, q]  # row q = column q (symmetric)
-            if t:
-                col = col - torch.bmm(V[ar, :t, q].unsqueeze(1), V[:, :t]).squeeze(1)
-            cq = col[ar, q]
-            w = w - (w[ar, q] / cq)[:, None] * col
-            w[ar, q] = 0.0
-            diag = diag - col.square() / cq[:, None]
-            V[:, t] = col / cq.sqrt()[:, None]
-            gone[ar, q] = True
-            orig = idx[ar, q]
-            pruned[ar, orig] = True
+                score.masked_fill_(group_count.gather(1, idx // prunem) >= prunem - prunen, math.inf)
+            q = score.argmin(1, keepdim=True)  # (B, 1)
+            col = base.view(B * r, r).index_select(0, q.view(-1) + row_start)  # row q = column q (symmetric)
+            if t:  # apply the t downdates not yet folded into ``base``: col −= Σ_i V_iq V_i
+                coef = V[:, :t].gather(2, q[:, :, None].expand(B, t, 1)).transpose(1, 2)
+                col = torch.baddbmm(col.unsqueeze(1), coef, V[:, :t], alpha=-1.0).squeeze(1)
+            root = col.gather(1, q).sqrt_()  # √[H⁻¹]_qq
+            v = torch.div(col, root, out=V[:, t])
+            w.addcmul_(v, w.gather(1, q) / root, value=-1.0)  # w −= (w_q/[H⁻¹]_qq) H⁻¹[:, q]
+            w.scatter_(1, q, 0.0)
+            diag.addcmul_(v, v, value=-1.0)  # diag(H⁻¹ − vvᵀ)
+            gone.scatter_(1, q, True)
+            orig = idx.gather(1, q)
+            pruned.scatter_(1, orig, True)
             if prunen:
-                group_count[ar, orig // prunem] += 1
+                group_count.scatter_add_(1, orig // prunem, torch.ones_like(orig))
         base.baddbmm_(V.transpose(1, 2), V, alpha=-1.0)
         done += nb
         n_gone = int(gone[0].sum())
         if done < n_prune and n_gone >= r // 4:  # drop pruned positions (same count in every row)
             pos = torch.argsort(gone.to(torch.int8), dim=1, stable=True)[:, : r - n_gone]
-            base = _take_rows(_take_rows(base, pos).transpose(1, 2).contiguous(), pos)  # H⁻¹ is symmetric
+            base = _take_square(base, pos)
             w, idx = w.gather(1, pos), idx.gather(1, pos)
             gone = torch.zeros_like(pos, dtype=torch.bool)
     out = torch.zeros(B, d, dtype=w.dtype).scatter_(1, idx, w.masked_fill(gone, 0.0))
@@ -93,7 +102,7 @@ def obs_prune(
     if lazy <= 0:
         raise ValueError(f"lazy must be positive, got {lazy}")
     H, W = prepare_hessian(stats.hessian(dtype), weight, percdamp, dtype)
-    hinv = torch.cholesky_inverse(torch.linalg.cholesky(H))
+    hinv = torch.cholesky_inverse(torch.linalg.cholesky(H)).contiguous()  # LAPACK returns it column-major
     n_prune = cols // prunem * (prunem - prunen) if prunen else int(round(sparsity * cols))
     if n_prune == 0:
         return weight.clone(), torch.ones_like(weight, dtype=torch.bool)
