@@ -30,19 +30,31 @@ from prune_trainer.oneshot.base import LayerStats
 from prune_trainer.oneshot.calibration import calibration_batches, prune_sequential
 from prune_trainer.oneshot.obs import obs_prune
 from prune_trainer.oneshot.registry import get_method
+from prune_trainer.oneshot.runner import device_description, resolve_device
 
 
-def bench_methods(args: argparse.Namespace) -> None:
+def timed(device: torch.device, fn: Callable, *args: object) -> tuple[float, object]:
+    """Wall time of ``fn(*args)`` including its queued CUDA work, and its result."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    out = fn(*args)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - t0, out
+
+
+def bench_methods(args: argparse.Namespace, device: torch.device) -> None:
     splits = load_conll_splits(args.data_dir)
     _, tokenizer = load_model_and_tokenizer(args.model)
     batches = calibration_batches(splits["train"], tokenizer, args.calib_samples)
     times = {}
     for name in args.methods.split(","):
         model, _ = load_model_and_tokenizer(args.model)
-        report = prune_sequential(model, batches, get_method(name), args.sparsity, progress=False)
+        report = prune_sequential(model.to(device), batches, get_method(name), args.sparsity, progress=False)
         times[name] = (report.total_time_s, report.solve_time_s)
     ref = times.get("sparsegpt")
-    print(f"{args.calib_samples} calibration sentences, sparsity {args.sparsity}, threads {torch.get_num_threads()}")
+    print(f"{args.calib_samples} calibration sentences, sparsity {args.sparsity}, {device_description(device)}")
     print(f"{'method':<10} {'total s':>9} {'solve s':>9} {'total/SparseGPT':>16} {'solve/SparseGPT':>16}")
     for name, (total, solve) in times.items():
         r1 = f"{total / ref[0]:.2f}" if ref else "-"
@@ -80,29 +92,31 @@ def load_obs_at(rev: str) -> Callable:
 
 
 def bench_layer_shapes(
-    shapes: list[tuple[int, int]], sparsity: float, tokens: int, obs_baseline: str = ""
+    shapes: list[tuple[int, int]], sparsity: float, tokens: int, obs_baseline: str = "",
+    device: torch.device | None = None,
 ) -> None:
     """Per-layer solve time of every method on random layers of the encoder's shapes (same X)."""
     from prune_trainer.oneshot.registry import ONESHOT_METHODS
 
     baseline = load_obs_at(obs_baseline) if obs_baseline else None
-
+    device = device or torch.device("cpu")
+    print(f"per-layer solve times, sparsity {sparsity}, {tokens} calibration tokens, {device_description(device)}")
     g = torch.Generator().manual_seed(0)
+    if device.type == "cuda":  # CUDA context, kernels and allocator warmed up outside the timings
+        Xw = torch.randn(256, 64, generator=g).to(device)
+        for method in ONESHOT_METHODS.values():
+            method.prune(torch.randn(32, 64, generator=g).to(device), LayerStats.from_inputs(Xw), sparsity)
     for rows, cols in shapes:
-        X = torch.randn(tokens, cols, generator=g) @ torch.randn(cols, cols, generator=g) / cols**0.5
+        X = (torch.randn(tokens, cols, generator=g) @ torch.randn(cols, cols, generator=g) / cols**0.5).to(device)
         stats = LayerStats.from_inputs(X)
-        W = torch.randn(rows, cols, generator=g)
+        W = torch.randn(rows, cols, generator=g).to(device)
         times = {}
         for name, method in ONESHOT_METHODS.items():
-            t0 = time.perf_counter()
-            method.prune(W, stats, sparsity)
-            times[name] = time.perf_counter() - t0
+            times[name], _ = timed(device, method.prune, W, stats, sparsity)
         agreement = ""
         if baseline is not None:
             W_new, keep_new = ONESHOT_METHODS["obs"].prune(W, stats, sparsity)
-            t0 = time.perf_counter()
-            W_old, keep_old = baseline(W, stats, sparsity)
-            times[f"obs@{obs_baseline}"] = time.perf_counter() - t0
+            times[f"obs@{obs_baseline}"], (W_old, keep_old) = timed(device, baseline, W, stats, sparsity)
             err_new, err_old = (float(((W - Wh) @ X.T).norm()) for Wh in (W_new, W_old))
             same = float((keep_new == keep_old).float().mean())
             agreement = (f"; OBS vs obs@{obs_baseline}: masks {same:.4%} equal, "
@@ -125,13 +139,15 @@ def main() -> None:
     parser.add_argument("--shapes", default="", help="per-layer mode, e.g. 384x384,1536x384,384x1536 (skips the model)")
     parser.add_argument("--tokens", type=int, default=4096, help="calibration tokens in per-layer mode")
     parser.add_argument("--obs-baseline", default="", help="per-layer mode: also time OBS as of this git revision")
+    parser.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N | auto")
     args = parser.parse_args()
+    device = resolve_device(args.device)
     torch.set_num_threads(args.threads)
     if args.shapes:
         shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
-        bench_layer_shapes(shapes, args.sparsity, args.tokens, args.obs_baseline)
+        bench_layer_shapes(shapes, args.sparsity, args.tokens, args.obs_baseline, device)
         return
-    bench_methods(args)
+    bench_methods(args, device)
     if args.layer_rows:
         bench_obs_vectorisation(args.layer_rows, args.layer_cols, args.sparsity)
 

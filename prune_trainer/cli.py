@@ -100,7 +100,7 @@ def _oneshot(args: argparse.Namespace) -> int:
     cfg = OneShotConfig(
         model=args.model, method=args.method, sparsity=args.sparsity, pattern=args.pattern, owl=args.owl,
         owl_m=args.owl_m, owl_lambda=args.owl_lambda, calib_samples=args.calib_samples, seed=args.seed,
-        pruned_inputs=not args.dense_inputs, data_dir=args.data_dir, evaluate=not args.no_eval,
+        pruned_inputs=not args.dense_inputs, data_dir=args.data_dir, evaluate=not args.no_eval, device=args.device,
         output_dir=args.output_dir or f"results/oneshot/{args.method}_{args.pattern.replace(':', 'of')}"
         f"_{args.sparsity}{'_owl' if args.owl else ''}_n{args.calib_samples}",
     )
@@ -126,6 +126,7 @@ def _add_oneshot_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--output-dir", help="where model/ and results.json go (default: results/oneshot/<setting>)")
     p.add_argument("--no-eval", action="store_true", help="skip the validation F1")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
+    p.add_argument("--device", default="auto", help="auto (CUDA when available) | cpu | cuda | cuda:N")
     p.set_defaults(func=_oneshot)
 
 

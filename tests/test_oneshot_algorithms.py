@@ -155,3 +155,17 @@ def test_bad_nm_pattern_is_an_error(name):
     W, _, stats = random_layer(8, rows=4, cols=10, dtype=torch.float32)
     with pytest.raises(ValueError, match="2:4"):
         METHODS[name](W, stats, 0.0, prunen=2, prunem=4)  # 4 does not divide 10
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+@pytest.mark.parametrize("nm", [(0, 0), (2, 4)])
+def test_pruners_create_their_tensors_on_the_weights_device(name, nm):
+    """With meta as the default device, any tensor made without ``device=`` lands on meta and mixing it with
+    the CPU weight raises (or leaks a meta output): the way a CPU-only CI catches code that would break on CUDA."""
+    W, _, stats = random_layer(4, rows=8, cols=16, tokens=64, dtype=torch.float32)
+    expected = METHODS[name](W, stats, 0.5, *nm)
+    with torch.device("meta"):
+        W_hat, keep = METHODS[name](W, stats, 0.5, *nm)
+    assert W_hat.device.type == keep.device.type == "cpu"
+    torch.testing.assert_close(W_hat, expected[0])
+    assert torch.equal(keep, expected[1])

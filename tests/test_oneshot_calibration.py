@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -19,7 +20,7 @@ from prune_trainer.oneshot.calibration import (
 )
 from prune_trainer.oneshot.magnitude import magnitude_prune
 from prune_trainer.oneshot.registry import OneShotMethod, get_method
-from prune_trainer.oneshot.runner import OneShotConfig, run_oneshot
+from prune_trainer.oneshot.runner import OneShotConfig, resolve_device, run_oneshot
 
 Q0 = "bert.encoder.layer.0.attention.self.query"
 Q1 = "bert.encoder.layer.1.attention.self.query"
@@ -89,6 +90,26 @@ def test_owl_per_layer_dict_and_outlier_ratios(model, batches):
         assert report.layer_sparsity[k] == pytest.approx(s, abs=0.02)
     with pytest.raises(ValueError, match="misses target layers"):
         prune_sequential(model, batches, get_method("wanda"), {Q0: 0.5}, progress=False)
+
+
+def test_pipeline_creates_its_tensors_on_the_models_device(model, batches):
+    """Meta as the default device: statistics, masks or indices made without ``device=`` would land on meta and
+    fail against the CPU model (what a CUDA model would hit); the results equal a normal run's."""
+    expected = prune_sequential(copy.deepcopy(model), batches, get_method("obs"), 0.5, progress=False)
+    with torch.device("meta"):
+        ratios = wanda_outlier_ratios(model, batches)
+        report = prune_sequential(model, batches, get_method("obs"), 0.5, progress=False)
+    assert len(ratios) == 12 and report.layer_sparsity == expected.layer_sparsity
+
+
+def test_resolve_device():
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(ValueError, match="'gpu0' is not a torch device name"):
+        resolve_device("gpu0")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="'cuda:1' asked for, but torch.cuda.is_available"):
+            OneShotConfig(model="m", device="cuda:1").validate()
 
 
 def test_empty_and_bad_calibration_data(model, tokenizer, conll_dir):

@@ -28,14 +28,15 @@ class LayerStats:
     n_tokens: int
 
     @classmethod
-    def empty(cls, in_features: int, full: bool) -> LayerStats:
-        xxt = torch.zeros(in_features, in_features, dtype=torch.float64) if full else None
-        return cls(torch.zeros(in_features, dtype=torch.float64), xxt, 0)
+    def empty(cls, in_features: int, full: bool, device: torch.device | str | None = None) -> LayerStats:
+        """Zero statistics on ``device`` (that of the inputs ``add`` will get; default CPU)."""
+        xxt = torch.zeros(in_features, in_features, dtype=torch.float64, device=device) if full else None
+        return cls(torch.zeros(in_features, dtype=torch.float64, device=device), xxt, 0)
 
     @classmethod
     def from_inputs(cls, x: torch.Tensor, full: bool = True) -> LayerStats:
         """Statistics of a ``(n_tokens, in_features)`` input matrix."""
-        stats = cls.empty(x.shape[-1], full)
+        stats = cls.empty(x.shape[-1], full, x.device)
         stats.add(x)
         return stats
 
@@ -84,12 +85,12 @@ def prepare_hessian(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Dead inputs (``H_jj = 0``) get ``H_jj = 1`` and ``W[:, j] = 0``; add ``λI`` with
     ``λ = percdamp · mean(diag H)`` (SparseGPT, Frantar & Alistarh 2023, §4 / reference code).
-    Returns ``dtype`` copies ``(H, W)``."""
+    Returns ``dtype`` copies ``(H, W)`` on the weight's device."""
     if not 0 <= percdamp:
         raise ValueError(f"percdamp must be >= 0, got {percdamp}")
     if hessian.shape != (weight.shape[1], weight.shape[1]):
         raise ValueError(f"Hessian shape {tuple(hessian.shape)} does not match weight shape {tuple(weight.shape)}")
-    H = hessian.to(dtype).clone()
+    H = hessian.to(device=weight.device, dtype=dtype).clone()
     W = weight.to(dtype).clone()
     dead = torch.diagonal(H) == 0
     H[dead, dead] = 1.0

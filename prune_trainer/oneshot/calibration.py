@@ -88,12 +88,25 @@ def calibration_batches(
     return batches
 
 
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's parameters (calibration batches and statistics go there)."""
+    return next(model.parameters()).device
+
+
+def _synchronize(device: torch.device) -> None:
+    """Wait for queued CUDA work so wall-clock timers measure it (no-op on CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 @torch.no_grad()
 def capture_block_inputs(model: nn.Module, batches: list[dict[str, torch.Tensor]]) -> list[CalibrationBatch]:
-    """Run the model up to its first encoder block and record that block's inputs per batch."""
+    """Run the model up to its first encoder block and record that block's inputs per batch (on the
+    model's device; the batches themselves may stay on the CPU)."""
     if not batches:
         raise ValueError("empty calibration data: no batches given")
     _, layers = encoder_layers(model)
+    device = model_device(model)
     captured: list[CalibrationBatch] = []
 
     def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -104,6 +117,7 @@ def capture_block_inputs(model: nn.Module, batches: list[dict[str, torch.Tensor]
     handle = layers[0].register_forward_pre_hook(hook, with_kwargs=True)
     try:
         for batch in batches:
+            batch = {k: v.to(device) for k, v in batch.items()}
             try:
                 model(**batch)
             except _StopForward:
@@ -124,7 +138,7 @@ def _collect_block_stats(
     block: nn.Module, linears: dict[str, nn.Linear], inputs: list[CalibrationBatch], full: bool
 ) -> tuple[dict[str, LayerStats], list[torch.Tensor]]:
     """Accumulate each Linear's input statistics over the real tokens; return them and the block outputs."""
-    stats = {name: LayerStats.empty(lin.in_features, full) for name, lin in linears.items()}
+    stats = {name: LayerStats.empty(lin.in_features, full, lin.weight.device) for name, lin in linears.items()}
     current: dict[str, torch.Tensor] = {}
 
     def make_hook(name: str) -> Callable:
@@ -169,6 +183,8 @@ def prune_sequential(
     ``sparsity``: one value, or a per-Linear dict (OWL). ``pruned_inputs``: feed each block the
     outputs of the already-pruned previous blocks (True, as SparseGPT/Wanda) or the dense ones.
     """
+    device = model_device(model)
+    _synchronize(device)
     start = time.perf_counter()
     model.eval()
     prefix, layers = encoder_layers(model)
@@ -188,17 +204,20 @@ def prune_sequential(
         block = layers[i]
         linears = _block_linears(model, prefix, i, names)
         stats, dense_out = _collect_block_stats(block, linears, inputs, method.needs_hessian)
+        _synchronize(device)
         t0 = time.perf_counter()
         for name, lin in linears.items():
             s = sparsity[name] if isinstance(sparsity, dict) else sparsity
             new_weight, keep = method.prune(lin.weight.data, stats[name], s, prunen, prunem, **method_kwargs)
             lin.weight.data.copy_(new_weight * keep)
             report.layer_sparsity[name] = float(1.0 - keep.float().mean())
+        _synchronize(device)
         report.solve_time_s += time.perf_counter() - t0
         bar.set_postfix(block=i, solve_s=round(report.solve_time_s, 1))
         outs = [_run_block(block, cb) for cb in inputs] if pruned_inputs and linears else dense_out
         for cb, out in zip(inputs, outs, strict=True):
             cb.hidden = out
+    _synchronize(device)
     report.total_time_s = time.perf_counter() - start
     return report
 

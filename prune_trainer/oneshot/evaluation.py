@@ -31,12 +31,13 @@ def evaluate_f1(
     order = np.argsort([len(ids) for ids in ds["input_ids"]], kind="stable")
     collator = DataCollatorForTokenClassification(tokenizer)
     model.eval()
+    device = next(model.parameters()).device
     true_tags: list[list[str]] = []
     pred_tags: list[list[str]] = []
     for i in range(0, len(order), batch_size):
         batch = collator([ds[int(j)] for j in order[i : i + batch_size]])
         label_ids = batch.pop("labels")
-        pred = model(**batch).logits.argmax(-1)
+        pred = model(**{k: v.to(device) for k, v in batch.items()}).logits.argmax(-1)
         for p_row, l_row in zip(pred.tolist(), label_ids.tolist(), strict=True):
             keep = [k for k, lab in enumerate(l_row) if lab != IGNORE_INDEX]
             true_tags.append([labels[l_row[k]] for k in keep])

@@ -23,7 +23,7 @@ from prune_trainer.oneshot.base import LayerStats, check_pattern_args, check_wei
 def _take_rows(mats: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
     """``mats[b, pos[b], :]`` for a ``(B, r, c)`` batch and ``(B, r2)`` positions (one index_select)."""
     B, r, c = mats.shape
-    flat = (pos + r * torch.arange(B)[:, None]).reshape(-1)
+    flat = (pos + r * torch.arange(B, device=pos.device)[:, None]).reshape(-1)
     return mats.reshape(B * r, c).index_select(0, flat).view(B, pos.shape[1], c)
 
 
@@ -39,16 +39,17 @@ def _obs_rows(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Greedy OBS on a ``(B, d)`` chunk of rows sharing the initial ``(d, d)`` inverse Hessian."""
     B, d = w.shape
+    dev = w.device
     w = w.clone()  # updated in place below
-    idx = torch.arange(d).expand(B, d).contiguous()  # original input index of each current position
+    idx = torch.arange(d, device=dev).expand(B, d).contiguous()  # original input index of each current position
     base = hinv.expand(B, d, d).contiguous()  # row-major copy per row (batched GEMM in place)
-    gone = torch.zeros(B, d, dtype=torch.bool)  # pruned positions not yet dropped from ``base``
-    pruned = torch.zeros(B, d, dtype=torch.bool)  # pruned, by original index
-    group_count = torch.zeros(B, d // prunem, dtype=torch.long) if prunen else None
+    gone = torch.zeros(B, d, dtype=torch.bool, device=dev)  # pruned positions not yet dropped from ``base``
+    pruned = torch.zeros(B, d, dtype=torch.bool, device=dev)  # pruned, by original index
+    group_count = torch.zeros(B, d // prunem, dtype=torch.long, device=dev) if prunen else None
     done = 0
     while done < n_prune:
         r = w.shape[1]
-        row_start = r * torch.arange(B)
+        row_start = r * torch.arange(B, device=dev)
         nb = min(lazy, n_prune - done)
         diag = torch.diagonal(base, dim1=1, dim2=2).clone()
         V = w.new_empty(B, nb, r)
@@ -79,7 +80,7 @@ def _obs_rows(
             base = _take_square(base, pos)
             w, idx = w.gather(1, pos), idx.gather(1, pos)
             gone = torch.zeros_like(pos, dtype=torch.bool)
-    out = torch.zeros(B, d, dtype=w.dtype).scatter_(1, idx, w.masked_fill(gone, 0.0))
+    out = torch.zeros(B, d, dtype=w.dtype, device=dev).scatter_(1, idx, w.masked_fill(gone, 0.0))
     return out, ~pruned
 
 
@@ -108,7 +109,7 @@ def obs_prune(
         return weight.clone(), torch.ones_like(weight, dtype=torch.bool)
     chunk = max(1, min(rows, chunk_bytes // (cols * cols * hinv.element_size() * 2)))
     out = torch.empty_like(W)
-    keep = torch.empty(rows, cols, dtype=torch.bool)
+    keep = torch.empty(rows, cols, dtype=torch.bool, device=W.device)
     for r0 in range(0, rows, chunk):
         out[r0 : r0 + chunk], keep[r0 : r0 + chunk] = _obs_rows(W[r0 : r0 + chunk], hinv, n_prune, prunen, prunem, lazy)
     return out.to(weight.dtype), keep

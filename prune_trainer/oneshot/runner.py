@@ -43,9 +43,11 @@ class OneShotConfig:
     export: bool = True
     evaluate: bool = True
     method_kwargs: dict[str, Any] = field(default_factory=dict)
+    device: str = "auto"  # "auto" (CUDA when available, as Trainer does), "cpu", "cuda", "cuda:1", ...
 
     def validate(self) -> None:
         get_method(self.method)
+        resolve_device(self.device)
         nm = parse_pattern(self.pattern)
         if nm is None:
             check_sparsity(self.sparsity)
@@ -53,6 +55,26 @@ class OneShotConfig:
             raise ValueError(f"OWL allocates unstructured sparsity; cannot combine it with pattern {self.pattern!r}")
         if self.calib_samples <= 0:
             raise ValueError(f"calib_samples must be positive, got {self.calib_samples}")
+
+
+def resolve_device(name: str) -> torch.device:
+    """``"auto"`` → ``cuda`` when available else ``cpu``; anything else must name a usable torch device."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise ValueError(f"device {name!r} is not a torch device name (use auto, cpu, cuda, cuda:N)") from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} asked for, but torch.cuda.is_available() is False")
+    return device
+
+
+def device_description(device: torch.device) -> str:
+    """What ran the job: the GPU's name, or the CPU core and thread count."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({os.cpu_count()} cores, torch threads {torch.get_num_threads()})"
 
 
 def run_oneshot(
@@ -69,8 +91,9 @@ def run_oneshot(
     nm = parse_pattern(cfg.pattern)
     prunen, prunem = nm if nm else (0, 0)
     splits = splits if splits is not None else load_conll_splits(cfg.data_dir)
+    device = resolve_device(cfg.device)
     model, tokenizer = load_model_and_tokenizer(cfg.model)
-    model.eval()
+    model.to(device).eval()
     batches = calibration_batches(
         splits["train"], tokenizer, cfg.calib_samples, cfg.calib_batch_size, cfg.max_length, cfg.seed
     )
@@ -94,6 +117,7 @@ def run_oneshot(
         "calib_tokens": report.n_tokens,
         "torch_threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
+        "device": device_description(device),
         "owl": owl_info,
     }
     if cfg.evaluate:

@@ -12,7 +12,7 @@ def wanda_scores(weight: torch.Tensor, col_norm: torch.Tensor) -> torch.Tensor:
     """``|W_ij| · ‖X_j‖₂`` for a ``(out, in)`` weight and the ``(in,)`` input column norms."""
     if col_norm.shape != (weight.shape[1],):
         raise ValueError(f"col_norm shape {tuple(col_norm.shape)} does not match in_features={weight.shape[1]}")
-    return weight.abs().float() * col_norm.float()[None, :]
+    return weight.abs().float() * col_norm.to(device=weight.device, dtype=torch.float32)[None, :]
 
 
 def wanda_prune(
