@@ -9,7 +9,8 @@ Vectorised over a chunk of rows as batched tensors. The rank-1 downdates of ``la
 steps are kept as ``V`` (``H⁻¹_cur = H⁻¹_base − V Vᵀ``, ``v = H⁻¹[:, q]/√[H⁻¹]_qq``) so a step costs
 ``O(d·lazy)``; they are folded into ``H⁻¹_base`` with one batched GEMM per ``lazy`` steps, after which
 every time a quarter of the current inputs is pruned, those are dropped (the matrices shrink).
-Cost ``O(rows·d³)`` per layer, nearly all of it in those folds (``results/benchmarks/oneshot_layer_times.md``).
+Cost per layer: ``O(rows·d³)`` in the folds plus ``O(rows·d²·lazy)`` in the steps (timings:
+``results/benchmarks/oneshot_layer_times.md``).
 """
 
 from __future__ import annotations
