@@ -33,15 +33,19 @@ from prune_trainer.oneshot.registry import get_method
 from prune_trainer.oneshot.runner import device_description, resolve_device
 
 
-def timed(device: torch.device, fn: Callable, *args: object) -> tuple[float, object]:
-    """Wall time of ``fn(*args)`` including its queued CUDA work, and its result."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    t0 = time.perf_counter()
-    out = fn(*args)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - t0, out
+def timed(device: torch.device, fn: Callable, *args: object, repeat: int = 1) -> tuple[float, object]:
+    """Shortest wall time of ``repeat`` calls of ``fn(*args)`` including their queued CUDA work (the minimum
+    is the least disturbed by other load on a shared machine), and the last result."""
+    best = float("inf")
+    for _ in range(repeat):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        out = fn(*args)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        best = min(best, time.perf_counter() - t0)
+    return best, out
 
 
 def bench_methods(args: argparse.Namespace, device: torch.device) -> None:
@@ -93,14 +97,15 @@ def load_obs_at(rev: str) -> Callable:
 
 def bench_layer_shapes(
     shapes: list[tuple[int, int]], sparsity: float, tokens: int, obs_baseline: str = "",
-    device: torch.device | None = None,
+    device: torch.device | None = None, repeat: int = 1,
 ) -> None:
     """Per-layer solve time of every method on random layers of the encoder's shapes (same X)."""
     from prune_trainer.oneshot.registry import ONESHOT_METHODS
 
     baseline = load_obs_at(obs_baseline) if obs_baseline else None
     device = device or torch.device("cpu")
-    print(f"per-layer solve times, sparsity {sparsity}, {tokens} calibration tokens, {device_description(device)}")
+    print(f"per-layer solve times (best of {repeat}), sparsity {sparsity}, {tokens} calibration tokens, "
+          f"{device_description(device)}")
     g = torch.Generator().manual_seed(0)
     if device.type == "cuda":  # CUDA context, kernels and allocator warmed up outside the timings
         Xw = torch.randn(256, 64, generator=g).to(device)
@@ -112,11 +117,11 @@ def bench_layer_shapes(
         W = torch.randn(rows, cols, generator=g).to(device)
         times = {}
         for name, method in ONESHOT_METHODS.items():
-            times[name], _ = timed(device, method.prune, W, stats, sparsity)
+            times[name], _ = timed(device, method.prune, W, stats, sparsity, repeat=repeat)
         agreement = ""
         if baseline is not None:
             W_new, keep_new = ONESHOT_METHODS["obs"].prune(W, stats, sparsity)
-            times[f"obs@{obs_baseline}"], (W_old, keep_old) = timed(device, baseline, W, stats, sparsity)
+            times[f"obs@{obs_baseline}"], (W_old, keep_old) = timed(device, baseline, W, stats, sparsity, repeat=repeat)
             err_new, err_old = (float(((W - Wh) @ X.T).norm()) for Wh in (W_new, W_old))
             same = float((keep_new == keep_old).float().mean())
             agreement = (f"; OBS vs obs@{obs_baseline}: masks {same:.4%} equal, "
@@ -140,12 +145,13 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=4096, help="calibration tokens in per-layer mode")
     parser.add_argument("--obs-baseline", default="", help="per-layer mode: also time OBS as of this git revision")
     parser.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N | auto")
+    parser.add_argument("--repeat", type=int, default=1, help="per-layer mode: report the best of this many runs")
     args = parser.parse_args()
     device = resolve_device(args.device)
     torch.set_num_threads(args.threads)
     if args.shapes:
         shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
-        bench_layer_shapes(shapes, args.sparsity, args.tokens, args.obs_baseline, device)
+        bench_layer_shapes(shapes, args.sparsity, args.tokens, args.obs_baseline, device, args.repeat)
         return
     bench_methods(args, device)
     if args.layer_rows:
