@@ -25,12 +25,12 @@ from pathlib import Path
 import torch
 
 from prune_trainer.data.conll import load_conll_splits
+from prune_trainer.devices import device_description, resolve_device
 from prune_trainer.models import load_model_and_tokenizer
 from prune_trainer.oneshot.base import LayerStats
 from prune_trainer.oneshot.calibration import calibration_batches, prune_sequential
 from prune_trainer.oneshot.obs import obs_prune
 from prune_trainer.oneshot.registry import get_method
-from prune_trainer.oneshot.runner import device_description, resolve_device
 
 
 def timed(device: torch.device, fn: Callable, *args: object, repeat: int = 1) -> tuple[float, object]:
@@ -115,12 +115,12 @@ def bench_layer_shapes(
         X = (torch.randn(tokens, cols, generator=g) @ torch.randn(cols, cols, generator=g) / cols**0.5).to(device)
         stats = LayerStats.from_inputs(X)
         W = torch.randn(rows, cols, generator=g).to(device)
-        times = {}
+        times, outputs = {}, {}
         for name, method in ONESHOT_METHODS.items():
-            times[name], _ = timed(device, method.prune, W, stats, sparsity, repeat=repeat)
+            times[name], outputs[name] = timed(device, method.prune, W, stats, sparsity, repeat=repeat)
         agreement = ""
         if baseline is not None:
-            W_new, keep_new = ONESHOT_METHODS["obs"].prune(W, stats, sparsity)
+            W_new, keep_new = outputs["obs"]
             times[f"obs@{obs_baseline}"], (W_old, keep_old) = timed(device, baseline, W, stats, sparsity, repeat=repeat)
             err_new, err_old = (float(((W - Wh) @ X.T).norm()) for Wh in (W_new, W_old))
             same = float((keep_new == keep_old).float().mean())

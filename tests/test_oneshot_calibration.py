@@ -11,6 +11,7 @@ from transformers import AutoModelForTokenClassification
 
 from prune_trainer.cli import main
 from prune_trainer.data.conll import load_conll_splits
+from prune_trainer.devices import resolve_device
 from prune_trainer.oneshot.base import LayerStats
 from prune_trainer.oneshot.calibration import (
     calibration_batches,
@@ -20,7 +21,7 @@ from prune_trainer.oneshot.calibration import (
 )
 from prune_trainer.oneshot.magnitude import magnitude_prune
 from prune_trainer.oneshot.registry import OneShotMethod, get_method
-from prune_trainer.oneshot.runner import OneShotConfig, resolve_device, run_oneshot
+from prune_trainer.oneshot.runner import OneShotConfig, run_oneshot
 
 Q0 = "bert.encoder.layer.0.attention.self.query"
 Q1 = "bert.encoder.layer.1.attention.self.query"

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from prune_trainer.data.conll import Sentence, load_conll_splits
+from prune_trainer.devices import device_description, resolve_device
 from prune_trainer.masking.inject import DEFAULT_EXCLUDE, DEFAULT_TARGETS, find_target_linears
 from prune_trainer.masking.selection import check_sparsity, parse_pattern
 from prune_trainer.oneshot.calibration import calibration_batches, prune_sequential, wanda_outlier_ratios
@@ -55,26 +56,6 @@ class OneShotConfig:
             raise ValueError(f"OWL allocates unstructured sparsity; cannot combine it with pattern {self.pattern!r}")
         if self.calib_samples <= 0:
             raise ValueError(f"calib_samples must be positive, got {self.calib_samples}")
-
-
-def resolve_device(name: str) -> torch.device:
-    """``"auto"`` → ``cuda`` when available else ``cpu``; anything else must name a usable torch device."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as err:
-        raise ValueError(f"device {name!r} is not a torch device name (use auto, cpu, cuda, cuda:N)") from err
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} asked for, but torch.cuda.is_available() is False")
-    return device
-
-
-def device_description(device: torch.device) -> str:
-    """What ran the job: the GPU's name, or the CPU core and thread count."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu ({os.cpu_count()} cores, torch threads {torch.get_num_threads()})"
 
 
 def run_oneshot(

@@ -105,11 +105,10 @@ def git_commit() -> str:
 
 
 def _device_name() -> str:
-    import torch
+    """The device Trainer picks (the first GPU when there is one), described."""
+    from prune_trainer.devices import device_description, resolve_device
 
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name(0)
-    return f"cpu ({os.cpu_count()} cores, torch threads {torch.get_num_threads()})"
+    return device_description(resolve_device("auto"))
 
 
 def peak_rss_mib() -> float | None:
