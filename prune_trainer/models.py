@@ -28,11 +28,37 @@ def embedded_model_dir() -> Path:
     return path
 
 
+def looks_like_local_path(name: str) -> bool:
+    """True when ``name`` cannot be a hub id (``name`` or ``namespace/name``): absolute, ``.``/``~``-relative,
+    more than one ``/``, a trailing ``/`` or an OS separator other than ``/``."""
+    return (
+        os.path.isabs(name)
+        or name.startswith((".", "~"))
+        or name.count("/") > 1
+        or name.endswith("/")
+        or (os.sep != "/" and os.sep in name)
+    )
+
+
 def resolve_model_path(name_or_path: str | os.PathLike | None) -> str:
-    """``None``/``"embedded"`` → the embedded model's directory; anything else as given."""
+    """``None``/``"embedded"`` → the embedded model's directory; an existing directory or a hub id as given.
+
+    Raises ``FileNotFoundError`` naming the path when it is a local path (see ``looks_like_local_path``) that
+    does not exist, or a directory without ``config.json`` (instead of the hub's repo-id error)."""
     if name_or_path is None or str(name_or_path) == EMBEDDED_MODEL:
         return str(embedded_model_dir())
-    return str(name_or_path)
+    name = str(name_or_path)
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"model directory {name!r} holds no config.json (not a saved model)")
+        return str(path)
+    if isinstance(name_or_path, os.PathLike) or looks_like_local_path(name):
+        raise FileNotFoundError(
+            f"model {name!r}: no such directory (from {Path.cwd()}); give a saved model directory, "
+            f"{EMBEDDED_MODEL!r} or a hub id such as 'bert-base-cased'"
+        )
+    return name
 
 
 def load_model_and_tokenizer(

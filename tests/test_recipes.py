@@ -57,6 +57,8 @@ def test_cli_run_writes_results(tmp_path, tiny_model_dir, conll_dir, capsys):
         (["--set", "pruning.targets=[nothing_matches]"], "match no nn.Linear"),
         (["--set", "pruning.schedule.pattern=2:5"], "does not divide"),
         (["--data-dir", "/nonexistent/conll"], "'/nonexistent/conll' does not exist"),
+        (["--model", "/nonexistent/model"], "model '/nonexistent/model': no such directory"),
+        (["--set", "init_from=/nonexistent/dense/model"], "`prune-trainer run recipes/dense.yaml`"),
     ],
 )
 def test_bad_input_is_a_clear_error_and_writes_nothing(tmp_path, tiny_model_dir, conll_dir, capsys, args, message):

@@ -138,5 +138,8 @@ def make_distillation_callback(
         if not init_from:
             raise ValueError("distillation.teacher is 'init_from' but the recipe has no init_from")
         teacher_src = init_from
-    teacher, _ = load_model_and_tokenizer(teacher_src)
+    try:
+        teacher, _ = load_model_and_tokenizer(teacher_src)
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"distillation.teacher: {err}") from err
     return DistillationCallback(model, teacher, cfg.get("alpha", 0.5), cfg.get("temperature", 2.0))

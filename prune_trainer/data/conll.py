@@ -99,7 +99,13 @@ def load_conll_splits(
 def _load_hub_splits(name: str) -> dict[str, list[Sentence]]:
     from datasets import load_dataset
 
-    ds = load_dataset(name)
+    try:
+        ds = load_dataset(name)
+    except ConnectionError as err:
+        raise ConnectionError(
+            f"{err}. No local CoNLL-2003 directory was given either: pass --data-dir (or data.data_dir in a recipe) "
+            "or set PRUNE_TRAINER_CONLL_DIR to a directory with train.txt and valid.txt"
+        ) from err
     names = ds["train"].features["ner_tags"].feature.names
     return {
         split: [Sentence(list(ex["tokens"]), [names[t] for t in ex["ner_tags"]]) for ex in ds[split]]

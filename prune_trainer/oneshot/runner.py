@@ -65,9 +65,10 @@ def run_oneshot(
 ) -> dict[str, Any]:
     """Run one configuration; return (and write to ``<output_dir>/results.json``) its results."""
     from prune_trainer.export import export_pruned_model
-    from prune_trainer.models import load_model_and_tokenizer
+    from prune_trainer.models import load_model_and_tokenizer, resolve_model_path
 
     cfg.validate()
+    resolve_model_path(cfg.model)  # a missing model directory fails here, before the data is read
     method = get_method(cfg.method)
     nm = parse_pattern(cfg.pattern)
     prunen, prunem = nm if nm else (0, 0)

@@ -151,7 +151,7 @@ def run_recipe(recipe: dict[str, Any], results_root: str | os.PathLike = "result
         tokenize_and_align,
     )
     from prune_trainer.export import export_pruned_model
-    from prune_trainer.models import load_model_and_tokenizer
+    from prune_trainer.models import load_model_and_tokenizer, resolve_model_path
     from prune_trainer.oneshot.embedding_factorization import factorize_word_embeddings, merge_word_embeddings
 
     start = time.time()
@@ -164,8 +164,17 @@ def run_recipe(recipe: dict[str, Any], results_root: str | os.PathLike = "result
     pruning_cfg = PruningConfig.from_dict(recipe["pruning"]) if recipe.get("pruning") else None
 
     # Everything that can be checked before training is checked before anything is written.
-    splits = load_conll_splits(data_cfg.get("data_dir"), data_cfg.get("hub_dataset", "eriktks/conll2003"))
     model_src = recipe.get("init_from") or recipe.get("model")
+    try:
+        resolve_model_path(model_src)  # a missing model directory fails here, before the data is read
+    except FileNotFoundError as err:
+        if recipe.get("init_from"):
+            raise FileNotFoundError(
+                f"init_from: {err}. This recipe starts from a fine-tuned model: train it first (the pruning "
+                "recipes start from results/dense/model, written by `prune-trainer run recipes/dense.yaml`)"
+            ) from err
+        raise
+    splits = load_conll_splits(data_cfg.get("data_dir"), data_cfg.get("hub_dataset", "eriktks/conll2003"))
     # A checkpoint without a token-classification head (the embedded model, bert-base-cased) gets a new one drawn
     # from the global RNG: seed it first, as HF's example scripts do, so the same recipe trains the same run.
     set_seed(int(training["seed"]))
