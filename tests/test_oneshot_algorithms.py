@@ -56,7 +56,7 @@ def test_obs_equals_brute_force_sequential_solve(lazy):
 
 
 def test_obs_equals_brute_force_through_repeated_shrinking():
-    """18 of 24 inputs pruned two at a time: the pruned inputs are moved out of H⁻¹ after each of 8 windows."""
+    """18 of 24 inputs pruned two at a time: the pruned positions are dropped from H⁻¹ four times."""
     W, X, stats = random_layer(3, rows=3, cols=24, tokens=96)
     W_before = W.clone()
     W_obs, keep = obs_prune(W, stats, 0.75, lazy=2, dtype=torch.float64)
@@ -169,24 +169,3 @@ def test_pruners_create_their_tensors_on_the_weights_device(name, nm):
     assert W_hat.device.type == keep.device.type == "cpu"
     torch.testing.assert_close(W_hat, expected[0])
     assert torch.equal(keep, expected[1])
-
-
-def test_obs_input_moves_keep_each_rows_matrix_of_the_surviving_inputs():
-    from prune_trainer.oneshot.obs import _move_inputs
-
-    B, d, n = 4, 12, 10  # a 10 × 10 head inside 12 × 12 buffers; 3 inputs gone per row
-    A = torch.randn(B, d, d, dtype=torch.float64)
-    buf = A + A.transpose(1, 2)
-    gone = torch.zeros(B, n, dtype=torch.bool)
-    gone[0, [7, 8, 9]] = True  # all at the tail: no move
-    gone[1, [0, 1, 2]] = True  # all in the head: three moves
-    gone[2, [1, 8, 9]] = True  # one move; n − 1 gone
-    gone[3, [4, 5, 7]] = True  # three moves, position n − 1 active
-    vec = torch.arange(B * d, dtype=torch.float64).view(B, d)
-    before, vec_before = buf.clone(), vec.clone()
-    _move_inputs(buf, n, gone, vec)
-    for b in range(B):
-        kept = vec[b, : n - 3].long() - b * d  # the vector held positions 0..d-1: it now names what moved where
-        assert sorted(kept.tolist()) == [i for i in range(n) if not gone[b, i]]
-        assert torch.equal(buf[b, : n - 3, : n - 3], before[b][kept][:, kept])
-        assert torch.equal(vec[b, : n - 3], vec_before[b, kept])

@@ -8,8 +8,7 @@ re-fit of the remaining weights) and downdate ``H⁻¹ −= H⁻¹[:, q] H⁻¹[
 Vectorised over a chunk of rows as batched tensors. The rank-1 downdates of ``lazy`` consecutive
 steps are kept as ``V`` (``H⁻¹_cur = H⁻¹_base − V Vᵀ``, ``v = H⁻¹[:, q]/√[H⁻¹]_qq``) so a step costs
 ``O(d·lazy)``; they are folded into ``H⁻¹_base`` with one batched GEMM per ``lazy`` steps, after which
-the window's pruned inputs are dropped by moving survivors into their places (the active inputs' matrix
-is the leading block of each row's buffer and shrinks with every fold, at the cost of ``O(d·lazy)`` per row).
+every time a quarter of the current inputs is pruned, those are dropped (the matrices shrink).
 Cost per layer: ``O(rows·d³)`` in the folds plus ``O(rows·d²·lazy)`` in the steps (timings:
 ``results/benchmarks/oneshot_layer_times.md``).
 """
@@ -23,29 +22,18 @@ import torch
 from prune_trainer.oneshot.base import LayerStats, check_pattern_args, check_weight, prepare_hessian
 
 
-def _move_inputs(buf: torch.Tensor, n: int, gone: torch.Tensor, *vecs: torch.Tensor) -> None:
-    """Compact in place: the ``n_new = n − g`` inputs still active (``~gone``, ``g`` per row) end up in positions
-    ``[0, n_new)`` of every row's leading ``n × n`` block of the symmetric ``buf`` and of each ``(B, ≥n)`` vector.
+def _take_rows(mats: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """``mats[b, pos[b], :]`` for a ``(B, r, c)`` batch and ``(B, r2)`` positions (one index_select)."""
+    B, r, c = mats.shape
+    flat = (pos + r * torch.arange(B, device=pos.device)[:, None]).reshape(-1)
+    return mats.reshape(B * r, c).index_select(0, flat).view(B, pos.shape[1], c)
 
-    Only the ``c ≤ g`` gone positions below ``n_new`` change: each ``dst`` receives the row, column and vector
-    entry of an active ``src`` at or above ``n_new``. With ``R`` the old rows ``src`` and ``R'`` the same rows with
-    their ``dst`` entries replaced by their ``src`` entries, row ``dst`` and (by symmetry) column ``dst`` become
-    ``R'``. Rows with fewer than ``g`` moves are padded with the no-op move ``n−1 → n−1``."""
-    B, d, _ = buf.shape
-    g = int(gone[0].sum())
-    n_new = n - g
-    head_gone = gone[:, :n_new]
-    pad = torch.arange(g, device=buf.device).expand(B, g) >= head_gone.sum(1, keepdim=True)
-    dst = torch.argsort((~head_gone).to(torch.int8), dim=1, stable=True)[:, :g].masked_fill_(pad, n - 1)
-    src = (n_new + torch.argsort(gone[:, n_new:n].to(torch.int8), dim=1, stable=True)).masked_fill_(pad, n - 1)
-    flat = buf.view(B * d, d)[:, :n]  # row b·d + i of every matrix, its first n entries
-    offset = d * torch.arange(B, device=buf.device)[:, None]
-    R = flat.index_select(0, (src + offset).view(-1)).view(B, g, n)
-    R.scatter_(2, dst[:, None, :].expand(B, g, g), R.gather(2, src[:, None, :].expand(B, g, g)))
-    flat.index_copy_(0, (dst + offset).view(-1), R.view(B * g, n))
-    buf[:, :n_new, :n].scatter_(2, dst[:, None, :].expand(B, n_new, g), R[:, :, :n_new].transpose(1, 2))
-    for vec in vecs:
-        vec.scatter_(1, dst, vec.gather(1, src))
+
+def _take_square(mats: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """``mats[b][pos[b]][:, pos[b]]``: whole rows first, then columns read along each row (cache-friendly)."""
+    rows = _take_rows(mats, pos)
+    B, n = pos.shape
+    return torch.gather(rows, 2, pos[:, None, :].expand(B, n, n))
 
 
 def _obs_rows(
@@ -54,32 +42,31 @@ def _obs_rows(
     """Greedy OBS on a ``(B, d)`` chunk of rows sharing the initial ``(d, d)`` inverse Hessian."""
     B, d = w.shape
     dev = w.device
-    w = w.clone()  # updated in place below; its first n entries are the active inputs
-    idx = torch.arange(d, device=dev).expand(B, d).contiguous()  # original input index of each position
-    buf = hinv.expand(B, d, d).contiguous()  # row-major copy per row; the active inputs' H⁻¹ is its n × n head
-    row_start = d * torch.arange(B, device=dev)
+    w = w.clone()  # updated in place below
+    idx = torch.arange(d, device=dev).expand(B, d).contiguous()  # original input index of each current position
+    base = hinv.expand(B, d, d).contiguous()  # row-major copy per row (batched GEMM in place)
+    gone = torch.zeros(B, d, dtype=torch.bool, device=dev)  # pruned positions not yet dropped from ``base``
     pruned = torch.zeros(B, d, dtype=torch.bool, device=dev)  # pruned, by original index
     group_count = torch.zeros(B, d // prunem, dtype=torch.long, device=dev) if prunen else None
-    n, done = d, 0
-    gone = torch.zeros(B, n, dtype=torch.bool, device=dev)  # pruned in the current window
-    while True:
-        base, wn = buf[:, :n, :n], w[:, :n]
-        rows = buf.view(B * d, d)[:, :n]
+    done = 0
+    while done < n_prune:
+        r = w.shape[1]
+        row_start = r * torch.arange(B, device=dev)
         nb = min(lazy, n_prune - done)
         diag = torch.diagonal(base, dim1=1, dim2=2).clone()
-        V = w.new_empty(B, nb, n)
+        V = w.new_empty(B, nb, r)
         for t in range(nb):
-            score = torch.div(wn.square(), diag).masked_fill_(gone, math.inf)
+            score = torch.div(w.square(), diag).masked_fill_(gone, math.inf)
             if prunen:
-                score.masked_fill_(group_count.gather(1, idx[:, :n] // prunem) >= prunem - prunen, math.inf)
+                score.masked_fill_(group_count.gather(1, idx // prunem) >= prunem - prunen, math.inf)
             q = score.argmin(1, keepdim=True)  # (B, 1)
-            col = rows.index_select(0, q.view(-1) + row_start)  # row q = column q (symmetric)
+            col = base.view(B * r, r).index_select(0, q.view(-1) + row_start)  # row q = column q (symmetric)
             if t:  # apply the t downdates not yet folded into ``base``: col −= Σ_i V_iq V_i
                 coef = V[:, :t].gather(2, q[:, :, None].expand(B, t, 1)).transpose(1, 2)
                 col = torch.baddbmm(col.unsqueeze(1), coef, V[:, :t], alpha=-1.0).squeeze(1)
             root = col.gather(1, q).sqrt_()  # √[H⁻¹]_qq
             v = torch.div(col, root, out=V[:, t])
-            wn.addcmul_(v, w.gather(1, q) / root, value=-1.0)  # w −= (w_q/[H⁻¹]_qq) H⁻¹[:, q]
+            w.addcmul_(v, w.gather(1, q) / root, value=-1.0)  # w −= (w_q/[H⁻¹]_qq) H⁻¹[:, q]
             w.scatter_(1, q, 0.0)
             diag.addcmul_(v, v, value=-1.0)  # diag(H⁻¹ − vvᵀ)
             gone.scatter_(1, q, True)
@@ -87,14 +74,15 @@ def _obs_rows(
             pruned.scatter_(1, orig, True)
             if prunen:
                 group_count.scatter_add_(1, orig // prunem, torch.ones_like(orig))
+        base.baddbmm_(V.transpose(1, 2), V, alpha=-1.0)
         done += nb
-        if done == n_prune:
-            break
-        base.baddbmm_(V.transpose(1, 2), V, alpha=-1.0)  # H⁻¹ of the survivors (Schur complement)
-        _move_inputs(buf, n, gone, w, idx)  # drop the window's pruned inputs: the head shrinks to n − nb
-        n -= nb
-        gone = torch.zeros(B, n, dtype=torch.bool, device=dev)
-    out = torch.zeros(B, d, dtype=w.dtype, device=dev).scatter_(1, idx[:, :n], wn.masked_fill(gone, 0.0))
+        n_gone = int(gone[0].sum())
+        if done < n_prune and n_gone >= r // 4:  # drop pruned positions (same count in every row)
+            pos = torch.argsort(gone.to(torch.int8), dim=1, stable=True)[:, : r - n_gone]
+            base = _take_square(base, pos)
+            w, idx = w.gather(1, pos), idx.gather(1, pos)
+            gone = torch.zeros_like(pos, dtype=torch.bool)
+    out = torch.zeros(B, d, dtype=w.dtype, device=dev).scatter_(1, idx, w.masked_fill(gone, 0.0))
     return out, ~pruned
 
 
