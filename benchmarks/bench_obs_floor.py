@@ -8,8 +8,10 @@ to have it:
 
 * **fold** (what ``prune_trainer/oneshot/obs.py`` does): keep every row's r × r matrix current, applying the
   downdates ``H⁻¹ −= v vᵀ`` of ``lazy`` steps as one batched rank-``lazy`` GEMM: 2·r² flops per row per step.
-  Floor timed here: exactly those GEMMs, with r shrunk to d − t at every fold (the least work; ``obs.py``
-  shrinks only when a quarter of the inputs is gone).
+  Inside a window each step corrects its column with the window's unfolded downdates (a batched
+  matrix-vector product, 2·r·t flops). Floor timed here: exactly those GEMMs and products, with r shrunk to the
+  remaining inputs at every window (the least work; ``obs.py`` shrinks only when a quarter of the inputs is
+  gone), for each ``--lazy``.
 * **low-rank**: keep only the shared initial H⁻¹ and each row's downdate vectors ``V`` (t × r), computing
   the column as ``H⁻¹[:, q] − Vᵀ V[:, q]``: 2·r·t flops per row per step, fewer in total, but a batched
   matrix-vector product that streams all of ``V`` each step. Floor timed here: exactly those products
