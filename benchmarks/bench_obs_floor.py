@@ -26,10 +26,10 @@ Linears (per block: 4 × 384x384, 1 × 1536x384, 1 × 384x1536).
 from __future__ import annotations
 
 import argparse
-import time
 from collections.abc import Callable
 
 import torch
+from bench_oneshot import timed  # this folder is on sys.path when the script runs
 
 from prune_trainer.devices import device_description
 from prune_trainer.oneshot.base import LayerStats
@@ -38,16 +38,12 @@ from prune_trainer.oneshot.sparsegpt import sparsegpt_prune
 
 LAYERS_PER_BLOCK = {(384, 384): 4, (1536, 384): 1, (384, 1536): 1}
 BLOCKS = 6
+CPU = torch.device("cpu")
 
 
 def best_of(repeat: int, fn: Callable, *args: object) -> float:
-    """Shortest wall time of ``repeat`` calls."""
-    best = float("inf")
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn(*args)
-        best = min(best, time.perf_counter() - t0)
-    return best
+    """Shortest CPU wall time of ``repeat`` calls (``bench_oneshot.timed``)."""
+    return timed(CPU, fn, *args, repeat=repeat)[0]
 
 
 def fold_floor(rows: int, d: int, n_prune: int, lazy: int, chunk_bytes: int = 512 * 2**20) -> Callable[[], None]:
@@ -105,7 +101,7 @@ def main() -> None:
     lazies = [int(v) for v in args.lazy.split(",")]
     torch.set_num_threads(args.threads)
     print(f"best of {args.repeat}, sparsity {args.sparsity}, {args.tokens} calibration tokens, "
-          f"{device_description(torch.device('cpu'))}; seconds, (ratio to SparseGPT)")
+          f"{device_description(CPU)}; seconds, (ratio to SparseGPT)")
     cols = ["SparseGPT", "OBS"] + [f"fold floor lazy {n}" for n in lazies] + ["low-rank floor"]
     print("| layer | " + " | ".join(cols) + " |")
     print("|---" * (len(cols) + 1) + "|")

@@ -68,13 +68,13 @@ def run_oneshot(
     from prune_trainer.models import load_model_and_tokenizer, resolve_model_path
 
     cfg.validate()
-    resolve_model_path(cfg.model)  # a missing model directory fails here, before the data is read
+    model_path = resolve_model_path(cfg.model)  # a missing model directory fails here, before the data is read
     method = get_method(cfg.method)
     nm = parse_pattern(cfg.pattern)
     prunen, prunem = nm if nm else (0, 0)
     splits = splits if splits is not None else load_conll_splits(cfg.data_dir)
     device = resolve_device(cfg.device)
-    model, tokenizer = load_model_and_tokenizer(cfg.model)
+    model, tokenizer = load_model_and_tokenizer(model_path)
     model.to(device).eval()
     batches = calibration_batches(
         splits["train"], tokenizer, cfg.calib_samples, cfg.calib_batch_size, cfg.max_length, cfg.seed

@@ -166,7 +166,7 @@ def run_recipe(recipe: dict[str, Any], results_root: str | os.PathLike = "result
     # Everything that can be checked before training is checked before anything is written.
     model_src = recipe.get("init_from") or recipe.get("model")
     try:
-        resolve_model_path(model_src)  # a missing model directory fails here, before the data is read
+        model_src = resolve_model_path(model_src)  # a missing model directory fails here, before the data is read
     except FileNotFoundError as err:
         if recipe.get("init_from"):
             raise FileNotFoundError(
