@@ -1,28 +1,65 @@
-"""prune_trainer: training-time and one-shot pruning of transformer encoders for HF `Trainer`."""
+"""prune_trainer: training-time and one-shot pruning of Hugging Face models as `Trainer` callbacks."""
 
 from prune_trainer.callbacks import (
+    DistillationCallback,
+    MagnitudeOptions,
     MagnitudePruningCallback,
+    MethodNeeds,
+    MovementOptions,
+    MovementPruningCallback,
+    NMOptions,
+    NMSparsityCallback,
+    OBERTOptions,
+    OBERTPruningCallback,
     PruningCallback,
+    PruningContext,
     SparsityLoggingCallback,
+    TaylorOptions,
+    TaylorPruningCallback,
     make_pruning_callback,
+    register_method,
 )
 from prune_trainer.config import PruningConfig
+from prune_trainer.data import load_conll_splits, make_compute_metrics, tokenize_and_align
 from prune_trainer.export import export_pruned_model, sparsity_report
 from prune_trainer.masking import MaskedLinear, inject_masked_layers, unwrap_masked_layers
+from prune_trainer.models import load_model_and_tokenizer
+from prune_trainer.oneshot.runner import OneShotConfig, run_oneshot
+from prune_trainer.options import Options
 from prune_trainer.schedules import PruningSchedule
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "DistillationCallback",
+    "MagnitudeOptions",
     "MagnitudePruningCallback",
     "MaskedLinear",
+    "MethodNeeds",
+    "MovementOptions",
+    "MovementPruningCallback",
+    "NMOptions",
+    "NMSparsityCallback",
+    "OBERTOptions",
+    "OBERTPruningCallback",
+    "OneShotConfig",
+    "Options",
     "PruningCallback",
     "PruningConfig",
+    "PruningContext",
     "PruningSchedule",
     "SparsityLoggingCallback",
+    "TaylorOptions",
+    "TaylorPruningCallback",
     "export_pruned_model",
     "inject_masked_layers",
+    "load_conll_splits",
+    "load_model_and_tokenizer",
+    "make_compute_metrics",
     "make_pruning_callback",
+    "register_method",
+    "run_oneshot",
     "sparsity_report",
+    "tokenize_and_align",
     "unwrap_masked_layers",
 ]

@@ -132,7 +132,7 @@ def test_recipe_with_movement_and_distillation_end_to_end(tmp_path, conll_dir):
                      "use_cpu": True, "disable_tqdm": True, "logging_steps": 2},
         "pruning": {"method": "movement",
                     "schedule": {"kind": "cubic", "final_sparsity": 0.5, "end_step": 0.5, "frequency": 1},
-                    "method_kwargs": {"variant": "hard"}},
+                    "options": {"variant": "hard"}},
         "distillation": {"teacher": "init_from", "alpha": 0.5, "temperature": 2.0},
     }))
     recipe = load_recipe(recipe_path)

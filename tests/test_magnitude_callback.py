@@ -29,10 +29,10 @@ class ZeroChecker(TrainerCallback):
         self.checked_steps += 1
 
 
-def _pruner(model, **overrides):
+def _pruner(model, scope="global", **overrides):
     schedule = dict(kind="cubic", final_sparsity=0.8, start_step=2, end_step=14, frequency=4)
     schedule.update(overrides)
-    return MagnitudePruningCallback(model, PruningConfig(schedule=PruningSchedule(**schedule)))
+    return MagnitudePruningCallback(model, PruningConfig(schedule=PruningSchedule(**schedule), scope=scope))
 
 
 @pytest.mark.parametrize(
@@ -114,8 +114,10 @@ def test_sparsity_curves_reach_wandb_offline_history(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_PROJECT", "prune-trainer-test")
     model = tiny_bert()
     pruner = _pruner(model, end_step=10)
-    trainer = make_trainer(tmp_path / "out", model, [pruner, SparsityLoggingCallback(model)], max_steps=16,
+    trainer = make_trainer(tmp_path / "out", model, [pruner], max_steps=16,
                            logging_steps=4, report_to="wandb", run_name="test")
+    SparsityLoggingCallback(pruner).install(trainer)
+    assert type(trainer.callback_handler.callbacks[0]) is SparsityLoggingCallback
     trainer.train()
     import wandb
 
@@ -147,16 +149,17 @@ def test_nm_pattern_that_does_not_fit_fails_before_touching_the_model():
     assert masked_layers(model) == {}
 
 
-def test_pruning_time_is_timed_once_per_update_and_kept_in_the_state():
+def test_pruning_time_is_timed_once_per_step_and_kept_in_the_state():
     class Slow(MagnitudePruningCallback):
-        def update_masks(self, step, **kwargs):  # an override calling super(): one timed call, not two
+        def compute_masks(self, step, target, context):  # the base class times the whole pruning step
             time.sleep(0.02)
-            super().update_masks(step, **kwargs)
+            return super().compute_masks(step, target, context)
 
     pruner = Slow(tiny_bert(), final_sparsity=0.5, start_step=0, end_step=2, frequency=1)
     pruner.schedule = pruner.config.schedule.resolve(4)
-    pruner.update_masks(1)
-    pruner.update_masks(2)
+    pruner.prune(1)
+    pruner.prune(2)
+    assert pruner.last_pruned_step == 2 and pruner.current_target == 0.5
     assert pruner.pruning_steps == 2 and pruner.pruning_time_s >= 0.04
     state = pruner.state_dict()
     assert state["pruning_steps"] == 2 and state["pruning_time_s"] == pruner.pruning_time_s

@@ -135,7 +135,7 @@ def _soft_run(tmp_path, lam):
     config = PruningConfig(
         method="movement",
         schedule=dict(kind="cubic", final_sparsity=0.9, start_step=0, end_step=10, frequency=1),
-        method_kwargs=dict(variant="soft", score_lr=0.5, final_threshold=0.1, final_lambda=lam),
+        options=dict(variant="soft", score_lr=0.5, final_threshold=0.1, final_lambda=lam),
     )
     pruner = MovementPruningCallback(model, config)
     make_trainer(tmp_path / f"soft_{lam}", model, [pruner], max_steps=14, lr_scheduler_type="constant").train()
@@ -229,7 +229,7 @@ def test_export_before_the_end_drops_scores_too(tmp_path):
         for p in pruner.score_params():
             p.copy_(torch.randn_like(p))
     pruner.schedule = pruner.config.schedule.resolve(10)
-    pruner.update_masks(10)
+    pruner.prune(10)
     export_pruned_model(model, tmp_path / "export", method="movement")
     keys = load_file(tmp_path / "export" / "model.safetensors")
     assert not any("mask" in k for k in keys)
@@ -243,5 +243,5 @@ def test_bad_arguments_are_named():
         MovementPruningCallback(tiny_bert(), variant="medium")
     with pytest.raises(ValueError, match="final_threshold"):
         MovementPruningCallback(tiny_bert(), variant="soft", final_threshold=1.5)
-    with pytest.raises(ValueError, match="method_kwargs"):
-        MovementPruningCallback(tiny_bert(), PruningConfig(method="movement", method_kwargs={"score_lr_typo": 1}))
+    with pytest.raises(ValueError, match="unknown movement options key.*'score_lr_typo'"):
+        MovementPruningCallback(tiny_bert(), PruningConfig(method="movement", options={"score_lr_typo": 1}))

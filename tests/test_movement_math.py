@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
+from prune_trainer.masking import MaskedLinear
 from prune_trainer.methods.movement import (
-    MovementLinear,
     find_lambda,
     hard_movement_masks,
     keep_top_k,
@@ -19,7 +19,7 @@ from prune_trainer.methods.movement import (
 
 def _layer(out_f=6, in_f=5, seed=0, dtype=torch.float64):
     torch.manual_seed(seed)
-    layer = MovementLinear.from_linear(nn.Linear(in_f, out_f).to(dtype), mask_in_forward=True)
+    layer = MaskedLinear.from_linear(nn.Linear(in_f, out_f).to(dtype), mask_in_forward=True)
     scores = layer.attach_scores(0.0)
     with torch.no_grad():
         scores.copy_(torch.randn_like(scores))

@@ -34,8 +34,9 @@ def top_n_per_group(weight: torch.Tensor, n: int, m: int) -> torch.Tensor:
 def nm_config(pattern="2:4", start_step=0, **method_kwargs):
     return PruningConfig(
         method="nm",
-        schedule=PruningSchedule(kind="oneshot", start_step=start_step, pattern=pattern),
-        method_kwargs=method_kwargs,
+        schedule=PruningSchedule(kind="oneshot", start_step=start_step),
+        pattern=pattern,
+        options=method_kwargs,
     )
 
 
@@ -168,12 +169,12 @@ def test_incompatible_layers_skipped_when_asked(tmp_path):
 @pytest.mark.parametrize(
     "kwargs,match",
     [
-        ({"schedule": {"kind": "cubic", "pattern": "2:4"}}, "oneshot"),
-        ({"method_kwargs": {"score": "fisher"}}, "unknown N:M score"),
-        ({"method_kwargs": {"bogus": 1}}, "unknown nm method_kwargs"),
-        ({"method_kwargs": {"score": "obert", "block_size": 6}}, "multiple of M=4"),
-        ({"method_kwargs": {"score": "obert", "dynamic": "srste"}}, "cannot be combined"),
-        ({"schedule": {"kind": "oneshot", "pattern": "4:4"}}, "0 < N < M"),
+        ({"schedule": {"kind": "cubic"}, "pattern": "2:4"}, "oneshot"),
+        ({"options": {"score": "fisher"}}, "score must be 'magnitude'"),
+        ({"options": {"bogus": 1}}, "unknown nm options key"),
+        ({"options": {"score": "obert", "block_size": 6}}, "multiple of M=4"),
+        ({"options": {"score": "obert", "dynamic": "srste"}}, "cannot be combined"),
+        ({"schedule": {"kind": "oneshot"}, "pattern": "4:4"}, "0 < N < M"),
     ],
 )
 def test_config_errors(kwargs, match):
@@ -250,4 +251,4 @@ def test_nm_recipes_load_and_build(score):
     recipe = load_recipe(Path(__file__).parents[1] / "recipes" / f"nm_2_4_{score}.yaml")
     assert recipe["name"] == f"nm_2_4_{score}" and recipe["distillation"]["teacher"] == "init_from"
     cb = make_pruning_callback(tiny_bert(), PruningConfig.from_dict(recipe["pruning"]))
-    assert isinstance(cb, NMSparsityCallback) and cb.opts["score"] == score and (cb.n, cb.m) == (2, 4)
+    assert isinstance(cb, NMSparsityCallback) and cb.options.score == score and (cb.n, cb.m) == (2, 4)

@@ -152,7 +152,7 @@ def test_obert_score_in_callback_prunes_2_4_and_updates_kept_weights(tmp_path):
     before = {n: m.weight.detach().clone() for n, m in model.named_modules() if isinstance(m, nn.Linear)}
     config = PruningConfig(
         method="nm", schedule=PruningSchedule(kind="oneshot"),
-        method_kwargs={"score": "obert", "calib_batches": 4, "calib_batch_size": 4, "block_size": 8, "damp": 1e-9},
+        options={"score": "obert", "calib_batches": 4, "calib_batch_size": 4, "block_size": 8, "damp": 1e-9},
     )
     pruner = NMSparsityCallback(model, config)
     make_trainer(tmp_path, model, [pruner], max_steps=1, learning_rate=0.0).train()
@@ -170,7 +170,7 @@ def test_sparsegpt_score_in_callback_prunes_2_4_and_reconstructs(tmp_path):
     before = {n: m.weight.detach().clone() for n, m in model.named_modules() if isinstance(m, nn.Linear)}
     config = PruningConfig(
         method="nm", schedule=PruningSchedule(kind="oneshot"),
-        method_kwargs={"score": "sparsegpt", "calib_batches": 2, "calib_batch_size": 8},
+        options={"score": "sparsegpt", "calib_batches": 2, "calib_batch_size": 8},
     )
     pruner = NMSparsityCallback(model, config)
     make_trainer(tmp_path, model, [pruner], max_steps=1, learning_rate=0.0).train()

@@ -54,11 +54,11 @@ def test_trainer_run_follows_schedule_and_keeps_zeros(tmp_path):
 
 def test_registry_and_method_kwargs_validation():
     model = tiny_bert()
-    cfg = PruningConfig(method="obert", schedule=SCHEDULE, method_kwargs={"num_grads": 4, "block_size": 3})
+    cfg = PruningConfig(method="obert", schedule=SCHEDULE, options={"num_grads": 4, "block_size": 3})
     cb = make_pruning_callback(model, cfg)
-    assert isinstance(cb, OBERTPruningCallback) and cb.opts["block_size"] == 3
+    assert isinstance(cb, OBERTPruningCallback) and cb.options.block_size == 3
     with pytest.raises(ValueError, match="fisher_blocks"):
-        OBERTPruningCallback(tiny_bert(), PruningConfig(method="obert", method_kwargs={"fisher_blocks": 2}))
+        OBERTPruningCallback(tiny_bert(), PruningConfig(method="obert", options={"fisher_blocks": 2}))
     with pytest.raises(ValueError, match="'sum'"):
         OBERTPruningCallback(tiny_bert(), update="sum")
 

@@ -55,7 +55,7 @@ def test_cli_run_writes_results(tmp_path, tiny_model_dir, conll_dir, capsys):
         (["--set", "pruning.schedule.final_sparsity=1.2"], "final_sparsity must be a number in [0, 1), got 1.2"),
         (["--set", "pruning.method=lottery"], "unknown pruning method 'lottery'"),
         (["--set", "pruning.targets=[nothing_matches]"], "match no nn.Linear"),
-        (["--set", "pruning.schedule.pattern=2:5"], "does not divide"),
+        (["--set", "pruning.pattern=2:5"], "does not divide"),
         (["--data-dir", "/nonexistent/conll"], "'/nonexistent/conll' does not exist"),
         (["--model", "/nonexistent/model"], "model '/nonexistent/model': no such directory"),
         (["--set", "init_from=/nonexistent/dense/model"], "`prune-trainer run recipes/dense.yaml`"),
@@ -115,7 +115,7 @@ def test_exponent_floats_are_floats_in_recipes_and_overrides(tmp_path):
     path = tmp_path / "r.yaml"
     path.write_text("name: r\ntraining: {learning_rate: 3e-5}\npruning: {schedule: {pattern: '2:4'}}\n")
     recipe = load_recipe(path, ["training.weight_decay=1e-2", "pruning.schedule.final_sparsity=9e-1",
-                                "pruning.schedule.pattern=2:4"])
+                                "pruning.pattern=2:4"])
     assert recipe["training"] == {"learning_rate": 3e-5, "weight_decay": 0.01}
     assert isinstance(recipe["training"]["learning_rate"], float)
     assert recipe["pruning"]["schedule"] == {"pattern": "2:4", "final_sparsity": 0.9}

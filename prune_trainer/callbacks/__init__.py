@@ -1,15 +1,40 @@
-"""Trainer callbacks: pruning methods and sparsity logging."""
+"""Trainer callbacks: the pruning methods (one contract, `PruningCallback`), distillation and sparsity logging."""
 
-from prune_trainer.callbacks.base import PruningCallback
-from prune_trainer.callbacks.magnitude import MagnitudePruningCallback
-from prune_trainer.callbacks.registry import PRUNING_CALLBACKS, make_pruning_callback, register_pruning_callback
+from prune_trainer.callbacks.base import MethodNeeds, PruningCallback, PruningContext
+from prune_trainer.callbacks.distillation import DistillationCallback
+from prune_trainer.callbacks.magnitude import MagnitudeOptions, MagnitudePruningCallback
+from prune_trainer.callbacks.movement import MovementOptions, MovementPruningCallback
+from prune_trainer.callbacks.nm import NMOptions, NMSparsityCallback
+from prune_trainer.callbacks.obert import OBERTOptions, OBERTPruningCallback
+from prune_trainer.callbacks.registry import (
+    PRUNING_CALLBACKS,
+    make_pruning_callback,
+    options_class,
+    pruning_callback_class,
+    register_method,
+)
 from prune_trainer.callbacks.sparsity_logging import SparsityLoggingCallback
+from prune_trainer.callbacks.taylor import TaylorOptions, TaylorPruningCallback
 
 __all__ = [
     "PRUNING_CALLBACKS",
+    "DistillationCallback",
+    "MagnitudeOptions",
     "MagnitudePruningCallback",
+    "MethodNeeds",
+    "MovementOptions",
+    "MovementPruningCallback",
+    "NMOptions",
+    "NMSparsityCallback",
+    "OBERTOptions",
+    "OBERTPruningCallback",
     "PruningCallback",
+    "PruningContext",
     "SparsityLoggingCallback",
+    "TaylorOptions",
+    "TaylorPruningCallback",
     "make_pruning_callback",
-    "register_pruning_callback",
+    "options_class",
+    "pruning_callback_class",
+    "register_method",
 ]

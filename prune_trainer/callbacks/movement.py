@@ -2,8 +2,8 @@
 
 Math in `prune_trainer.methods.movement` (Sanh et al. 2020). What the callback arranges:
 
-- **Layers**: the target Linears become `MovementLinear` (``y = x (W ⊙ STE(S, M))ᵀ + b``) with score
-  Parameters ``S`` (constant ``score_init``). Masks ``M(S)`` are recomputed from the scores after
+- **Layers**: the target Linears become `MaskedLinear` with score Parameters ``S`` (constant
+  ``score_init``; forward ``y = x (W ⊙ STE(S, M))ᵀ + b``). Masks ``M(S)`` are recomputed from the scores after
   every optimizer step (and at train begin), so every forward, eval included, uses the mask of the
   current scores. Pruned weights are not zeroed during training (a weight can come back).
 - **Schedule** (`PruningSchedule`, independent of the LR warm-up): before ``start_step`` (initial
@@ -31,32 +31,49 @@ Math in `prune_trainer.methods.movement` (Sanh et al. 2020). What the callback a
 from __future__ import annotations
 
 import os
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 from torch import nn
 from transformers import TrainerControl, TrainerState, TrainingArguments
 
-from prune_trainer.callbacks.base import PruningCallback
+from prune_trainer.callbacks.base import MethodNeeds, PruningCallback, PruningContext, checkpoint_dir
 from prune_trainer.config import PruningConfig
-from prune_trainer.masking.inject import find_target_linears, masked_layers
-from prune_trainer.methods.movement import (
-    MovementLinear,
-    hard_movement_masks,
-    sigmoid_l1_penalty,
-    soft_movement_masks,
-)
+from prune_trainer.methods.movement import hard_movement_masks, sigmoid_l1_penalty, soft_movement_masks
+from prune_trainer.options import Options
 
 SCORE_OPTIMIZER_FILE = "movement_optimizer.pt"
 SCORE_GROUP_KEY = "prune_trainer_movement_scores"
-VARIANTS = ("hard", "soft")
-DEFAULTS: dict[str, Any] = {
-    "variant": "hard",
-    "score_lr": 1e-2,
-    "score_init": 0.0,
-    "final_threshold": 0.1,
-    "final_lambda": 0.0,
-}
+
+
+@dataclass
+class MovementOptions(Options):
+    """Movement pruning options (Sanh et al. 2020).
+
+    ``variant``: ``"hard"`` (top-k of scores, exact scheduled sparsity) or ``"soft"`` (threshold + penalty;
+    the reached sparsity is set by ``final_lambda`` and logged). ``score_lr``: learning rate of the scores
+    (their weight decay is 0). ``score_init``: constant initial score. ``final_threshold``: soft only, final
+    sigmoid threshold ``τ_f`` (``σ(S) > τ`` keeps a weight). ``final_lambda``: soft only, final penalty ``λ_f``.
+    """
+
+    section = "movement options"
+
+    variant: Literal["hard", "soft"] = "hard"
+    score_lr: float = 1e-2
+    score_init: float = 0.0
+    final_threshold: float = 0.1
+    final_lambda: float = 0.0
+
+    def validate(self) -> None:
+        if not self.score_lr > 0:
+            raise ValueError(f"movement score_lr must be > 0, got {self.score_lr!r}")
+        if not 0.0 < self.final_threshold < 1.0:
+            raise ValueError(
+                f"movement final_threshold (a sigmoid value) must be in (0, 1), got {self.final_threshold!r}"
+            )
+        if self.final_lambda < 0:
+            raise ValueError(f"movement final_lambda must be ≥ 0, got {self.final_lambda!r}")
 
 
 def unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer:
@@ -68,91 +85,30 @@ def unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer:
     return optimizer
 
 
-def _convert_to_movement(model: nn.Module, config: PruningConfig) -> dict[str, MovementLinear]:
-    """Make the target layers `MovementLinear` (new wrappers, or existing `MaskedLinear` re-classed)."""
-    existing = masked_layers(model)
-    if existing:
-        for layer in existing.values():
-            if not isinstance(layer, MovementLinear):
-                layer.__class__ = MovementLinear  # same state; only `forward` differs
-            layer.mask_in_forward = True
-        return existing  # type: ignore[return-value]
-    layers = {}
-    for name in find_target_linears(model, config.targets, config.exclude):
-        linear = model.get_submodule(name)
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        layers[name] = MovementLinear.from_linear(linear, mask_in_forward=True)
-        setattr(parent, child, layers[name])
-    return layers
-
-
 class MovementPruningCallback(PruningCallback):
-    """Hard or soft movement pruning as a Trainer callback.
-
-    Args:
-        model: the model given to `Trainer` (its target Linears are wrapped here).
-        config: `PruningConfig`; ``method_kwargs`` may hold the options below.
-        variant: ``"hard"`` (top-k of scores, exact scheduled sparsity) or ``"soft"`` (threshold +
-            penalty; the reached sparsity is set by ``final_lambda`` and logged).
-        score_lr: learning rate of the scores (default 1e-2); their weight decay is 0.
-        score_init: constant initial score.
-        final_threshold: soft only, final sigmoid threshold ``τ_f`` (``σ(S) > τ`` keeps a weight).
-        final_lambda: soft only, final penalty weight ``λ_f``.
-        **schedule_overrides: `PruningSchedule` fields, e.g. ``final_sparsity=0.9, end_step=0.7``.
+    """Hard or soft movement pruning as a Trainer callback (options: `MovementOptions`).
 
     Example::
 
-        cb = MovementPruningCallback(model, variant="hard", final_sparsity=0.9, start_step=0.1,
-                                     end_step=0.7, frequency=1, scope="layer")
-        Trainer(model=model, args=args, ..., callbacks=[cb, SparsityLoggingCallback(model)]).train()
+        pruner = MovementPruningCallback(model, variant="hard", final_sparsity=0.9, start_step=0.1,
+                                         end_step=0.7, frequency=1, scope="layer")
+        Trainer(model=model, args=args, ..., callbacks=[pruner]).train()
     """
 
     method_name = "movement"
-    mask_in_forward = True
-    monotone = False
+    options_class = MovementOptions
+    needs = MethodNeeds(mask_in_forward=True, keeps_zeros=False, monotone=False, when="every_step")
 
-    def __init__(
-        self,
-        model: nn.Module,
-        config: PruningConfig | None = None,
-        *,
-        variant: str | None = None,
-        score_lr: float | None = None,
-        score_init: float | None = None,
-        final_threshold: float | None = None,
-        final_lambda: float | None = None,
-        **schedule_overrides: Any,
-    ) -> None:
-        config = config or PruningConfig(method=self.method_name)
-        unknown = set(config.method_kwargs) - set(DEFAULTS)
-        if unknown:
-            raise ValueError(f"unknown movement method_kwargs {sorted(unknown)}; allowed: {sorted(DEFAULTS)}")
-        explicit = dict(
-            variant=variant, score_lr=score_lr, score_init=score_init,
-            final_threshold=final_threshold, final_lambda=final_lambda,
-        )
-        opts = {**DEFAULTS, **config.method_kwargs, **{k: v for k, v in explicit.items() if v is not None}}
-        if opts["variant"] not in VARIANTS:
-            raise ValueError(f"movement variant must be one of {VARIANTS}, got {opts['variant']!r}")
-        if not float(opts["score_lr"]) > 0:
-            raise ValueError(f"score_lr must be > 0, got {opts['score_lr']!r}")
-        if not 0.0 < float(opts["final_threshold"]) < 1.0:
-            raise ValueError(f"final_threshold (a sigmoid value) must be in (0, 1), got {opts['final_threshold']!r}")
-        if float(opts["final_lambda"]) < 0:
-            raise ValueError(f"final_lambda must be ≥ 0, got {opts['final_lambda']!r}")
-        config.method_kwargs = opts
-        self.variant: str = opts["variant"]
-        self.score_lr = float(opts["score_lr"])
-        self.final_threshold = float(opts["final_threshold"])
-        self.final_lambda = float(opts["final_lambda"])
-        _convert_to_movement(model, config)
-        super().__init__(model, config, **schedule_overrides)
-        if self.schedule.pattern not in ("unstructured", None):
-            raise ValueError(f"movement pruning is unstructured; got pattern {self.schedule.pattern!r}")
+    def __init__(self, model: nn.Module, config: PruningConfig | None = None, **overrides: Any) -> None:
+        super().__init__(model, config, **overrides)
+        opts: MovementOptions = self.options
+        self.variant = opts.variant
+        self.score_lr = opts.score_lr
+        self.final_threshold = opts.final_threshold
+        self.final_lambda = opts.final_lambda
         for layer in self.layers.values():
             # Frozen until on_train_begin so that the Trainer's own param groups never hold them.
-            layer.attach_scores(float(opts["score_init"]), requires_grad=False)
+            layer.attach_scores(opts.score_init, requires_grad=False)
         self.current_threshold = 0.0
         self.current_lambda = 0.0
         self.last_penalty: float | None = None
@@ -160,12 +116,18 @@ class MovementPruningCallback(PruningCallback):
         self._optimizer: torch.optim.Optimizer | None = None
         self._hooks: list[Any] = []
 
+    def prepare_config(self, config: PruningConfig, model: nn.Module) -> PruningConfig:
+        if config.nm is not None:
+            raise ValueError(f"movement pruning is unstructured; got pattern {config.pattern!r}")
+        return config
+
     # ---- scores and masks --------------------------------------------------------------------
     def score_params(self) -> list[nn.Parameter]:
         """The score Parameters, in layer order (empty once finalized)."""
         return [layer.mask_scores for layer in self.layers.values() if layer.mask_scores is not None]
 
-    def compute_scores(self, **kwargs: Any) -> dict[str, torch.Tensor]:
+    def scores(self) -> dict[str, torch.Tensor]:
+        """The current scores by layer (detached; empty once finalized)."""
         layers = self.layers.items()
         return {name: layer.mask_scores.detach() for name, layer in layers if layer.mask_scores is not None}
 
@@ -177,39 +139,17 @@ class MovementPruningCallback(PruningCallback):
             return 1.0 if step >= int(self.schedule.start_step) else 0.0
         return min(1.0, max(0.0, (target - self.schedule.initial_sparsity) / span))
 
-    @torch.no_grad()
-    def update_masks(self, step: int, **kwargs: Any) -> None:
+    def compute_masks(self, step: int, target: float, context: PruningContext) -> dict[str, torch.Tensor]:
         """Masks from the current scores for the schedule at ``step`` (weights are not zeroed)."""
-        scores = self.compute_scores()
+        scores = self.scores()
         if not scores:
-            return
-        target = self.schedule.target(step)
+            return {}
         if self.variant == "hard":
-            masks = hard_movement_masks(scores, target, self.schedule.scope, self.config.min_kept_fraction)
-        else:
-            p = self.progress(step)
-            self.current_threshold = p * self.final_threshold
-            self.current_lambda = p * self.final_lambda
-            masks = soft_movement_masks(scores, self.current_threshold, self.config.min_kept_fraction)
-        for name, mask in masks.items():
-            self.layers[name].weight_mask.copy_(mask)
-        self.broadcast_masks(zero_weights=False)
-        self.last_pruned_step = step
-        self.current_target = target
-        self.model._prune_trainer_target = target
-
-    def broadcast_masks(self, zero_weights: bool = True) -> None:
-        """Under torch.distributed, copy rank 0's masks to every rank; weights are kept as they are."""
-        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-            return
-        if torch.distributed.get_world_size() <= 1:
-            return
-        for layer in self.layers.values():
-            buf = layer.weight_mask.to(torch.uint8)
-            torch.distributed.broadcast(buf, src=0)
-            layer.weight_mask.copy_(buf.bool())
-            if zero_weights:
-                layer.apply_mask()
+            return hard_movement_masks(scores, target, self.config.scope, self.config.min_kept_fraction)
+        p = self.progress(step)
+        self.current_threshold = p * self.final_threshold
+        self.current_lambda = p * self.final_lambda
+        return soft_movement_masks(scores, self.current_threshold, self.config.min_kept_fraction)
 
     def average_score_grads(self) -> None:
         """Under torch.distributed, replace each score gradient by its mean over ranks (one all-reduce).
@@ -242,10 +182,7 @@ class MovementPruningCallback(PruningCallback):
     def finalize(self) -> None:
         """Freeze the masks: zero the pruned weights, drop the scores, remove hooks (idempotent)."""
         for layer in self.layers.values():
-            if isinstance(layer, MovementLinear):
-                layer.freeze()
-            else:
-                layer.apply_mask()
+            layer.freeze()
         self._detach_from_optimizer()
         self._remove_hooks()
         self.finalized = True
@@ -320,7 +257,9 @@ class MovementPruningCallback(PruningCallback):
         state = [self._optimizer.state.get(p, {}) for p in group["params"]]
         hyper = {k: v for k, v in group.items() if k != "params"}
         saved = {"group": hyper, "state": state, "layers": list(self.layers)}
-        torch.save(saved, os.path.join(ckpt_dir, SCORE_OPTIMIZER_FILE))
+        path = os.path.join(ckpt_dir, SCORE_OPTIMIZER_FILE)
+        torch.save(saved, path + ".tmp")
+        os.replace(path + ".tmp", path)  # complete or absent
 
     def _load_score_optimizer(self, ckpt_dir: str) -> None:
         path = os.path.join(ckpt_dir, SCORE_OPTIMIZER_FILE)
@@ -360,7 +299,7 @@ class MovementPruningCallback(PruningCallback):
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         if self.finalized:
             raise RuntimeError("this MovementPruningCallback was finalized (scores dropped); create a new one")
-        super().on_train_begin(args, state, control, **kwargs)
+        super().on_train_begin(args, state, control, **kwargs)  # resume state, then masks from the scores
         for p in self.score_params():
             p.requires_grad_(True)
         optimizer = kwargs.get("optimizer")
@@ -369,24 +308,14 @@ class MovementPruningCallback(PruningCallback):
         self._attach_to_optimizer(optimizer)
         self._attach_to_scheduler(kwargs.get("lr_scheduler"))
         if state.global_step > 0:
-            self._load_score_optimizer(os.path.join(args.output_dir, f"checkpoint-{state.global_step}"))
+            self._load_score_optimizer(checkpoint_dir(args, state))
         if not self._hooks:
             self._hooks.append(self.model.register_forward_hook(self._loss_hook))
-        self.update_masks(state.global_step)
-
-    def on_step_begin(self, args, state, control, **kwargs):
-        pass  # masks are refreshed after every optimizer step (on_step_end) and at train begin
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         # ∂L/∂W is already 0 for masked weights (W ⊙ M in the forward); the scores' gradients are averaged
         # over ranks here because DDP does not see them (frozen when the Trainer wrapped the model).
         self.average_score_grads()
-
-    def on_optimizer_step(self, args, state, control, **kwargs):
-        pass  # pruned weights are not zeroed while scores can still bring them back
-
-    def on_step_end(self, args, state, control, **kwargs):
-        self.update_masks(state.global_step)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs is not None and not any(k.startswith("eval_") for k in logs) and self.variant == "soft":
@@ -396,12 +325,12 @@ class MovementPruningCallback(PruningCallback):
 
     def on_save(self, args, state, control, **kwargs):
         super().on_save(args, state, control, **kwargs)
-        ckpt = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        ckpt = checkpoint_dir(args, state)
         if os.path.isdir(ckpt) and state.is_world_process_zero:
             self._save_score_optimizer(ckpt)
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
-        self.update_masks(state.global_step)
+        self.prune(state.global_step, PruningContext.from_event(args, state, **kwargs))
         self.finalize()
 
     # ---- checkpoint state --------------------------------------------------------------------

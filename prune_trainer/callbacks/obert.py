@@ -11,43 +11,71 @@ linear decay of the learning rate at every pruning step.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
-from prune_trainer.callbacks.base import PruningCallback
+from prune_trainer.callbacks.base import MethodNeeds, PruningCallback, PruningContext
 from prune_trainer.config import PruningConfig
-from prune_trainer.masking.selection import parse_pattern, select_masks
-from prune_trainer.methods.obert.fisher import FISHER_FORMS, BlockFisherInverse, fisher_inverse_bytes, format_bytes
+from prune_trainer.methods.obert.fisher import BlockFisherInverse, fisher_inverse_bytes, format_bytes
 from prune_trainer.methods.obert.sampler import GradientSampler, LossFn
-from prune_trainer.methods.obert.update import UPDATE_MODES, obs_scores, obs_update
+from prune_trainer.methods.obert.update import obs_scores, obs_update
+from prune_trainer.options import Options
 
-OBERT_DEFAULTS: dict[str, Any] = {
-    "num_grads": 1024,  # m (total over ranks); CPU recipes use fewer
-    "grad_batch_size": None,  # examples per gradient; None = the Trainer's per-device train batch size
-    "block_size": 50,  # B
-    "damp": 1e-7,  # λ
-    "fisher_form": "direct",  # "direct" (GᵀG + batched Cholesky inverse) or "woodbury" (rank-1 updates)
-    "fisher_dtype": "float32",  # block storage precision: float32 | bfloat16 | float16
-    "update": "joint",  # "joint" | "summed" | "none"
-    "num_recomputations": 1,
-    "layers_per_pass": None,  # None = all target layers' Fisher blocks at once; k = k layers at a time
-    "grad_chunk": 16,  # gradients added to the Fisher per batched call
-    "mask_gradients": True,  # zero the gradients of already-pruned weights (decouples them, as SparseML)
-    "lr_rewind": False,
-    "seed": 0,
-    "verbose": True,
-}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def _is_dist() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+@dataclass
+class OBERTOptions(Options):
+    """oBERT options (Kurtic et al. 2022).
+
+    ``num_grads``: m, gradients in the empirical Fisher (total over ranks; CPU recipes use fewer).
+    ``grad_batch_size``: examples per gradient (None = the Trainer's per-device train batch size).
+    ``block_size``: B, weights per Fisher block. ``damp``: λ of ``F = λI + (1/m) Σ g gᵀ``.
+    ``fisher_form``: ``"direct"`` (GᵀG + batched Cholesky inverse) or ``"woodbury"`` (rank-1 updates).
+    ``fisher_dtype``: block storage precision. ``update``: OBS update of the kept weights, ``"joint"``
+    (one solve per block), ``"summed"`` (the reference's sum of single-weight updates) or ``"none"``.
+    ``num_recomputations``: collect → prune rounds inside one pruning step (sparsity raised linearly).
+    ``layers_per_pass``: None = all layers' Fisher blocks at once; k = k layers at a time (bounds memory).
+    ``grad_chunk``: gradients added to the Fisher per batched call. ``mask_gradients``: zero the gradients
+    of already-pruned weights (decouples them, as SparseML). ``lr_rewind``: restart a linear LR decay at
+    every pruning step. ``seed``: of the gradient sampler. ``verbose``: print sizes and timings.
+    """
+
+    section = "obert options"
+
+    num_grads: int = 1024
+    grad_batch_size: int | None = None
+    block_size: int = 50
+    damp: float = 1e-7
+    fisher_form: Literal["direct", "woodbury"] = "direct"
+    fisher_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    update: Literal["joint", "summed", "none"] = "joint"
+    num_recomputations: int = 1
+    layers_per_pass: int | None = None
+    grad_chunk: int = 16
+    mask_gradients: bool = True
+    lr_rewind: bool = False
+    seed: int = 0
+    verbose: bool = True
+
+    def validate(self) -> None:
+        for key in ("num_grads", "block_size", "num_recomputations", "grad_chunk"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"obert {key} must be a positive integer, got {getattr(self, key)!r}")
+        if not self.damp > 0:
+            raise ValueError(f"obert damp must be > 0, got {self.damp!r}")
+        for key in ("layers_per_pass", "grad_batch_size"):
+            value = getattr(self, key)
+            if value is not None and value < 1:
+                raise ValueError(f"obert {key} must be null or a positive integer, got {value!r}")
 
 
 class RewindLambda:
@@ -80,15 +108,14 @@ class OBERTPruningCallback(PruningCallback):
                                   initial_sparsity=0.7, final_sparsity=0.9, end_step=0.6, frequency=100)
         Trainer(model=model, args=args, train_dataset=..., data_collator=..., callbacks=[cb])
 
-    Method options (keyword arguments or ``config.method_kwargs``; defaults in ``OBERT_DEFAULTS``):
-    ``num_grads`` m, ``grad_batch_size``, ``block_size`` B, ``damp`` λ, ``fisher_form``,
-    ``fisher_dtype``, ``update``, ``num_recomputations``, ``layers_per_pass``, ``grad_chunk``,
-    ``mask_gradients``, ``lr_rewind``, ``seed``, ``verbose``; other keyword arguments override
-    schedule fields. ``loss_fn(model, batch)`` replaces the model's own loss; ``sampler`` replaces
-    the Trainer-data gradient sampler (e.g. to prune outside a Trainer via `prune_step`).
+    Options: `OBERTOptions` (``config.options`` or keyword arguments, as schedule and config fields).
+    ``loss_fn(model, batch)`` replaces the model's own loss; ``sampler`` replaces the Trainer-data gradient
+    sampler (e.g. to prune outside a Trainer: ``pruner.prune(step, target=0.9)``).
     """
 
     method_name = "obert"
+    options_class = OBERTOptions
+    needs = MethodNeeds(updates_weights=True, calibration_data=True)
 
     def __init__(
         self,
@@ -99,43 +126,17 @@ class OBERTPruningCallback(PruningCallback):
         sampler: GradientSampler | None = None,
         **overrides: Any,
     ) -> None:
-        config = config or PruningConfig(method=self.method_name)
-        method_over = {k: overrides.pop(k) for k in list(overrides) if k in OBERT_DEFAULTS}
-        unknown = set(config.method_kwargs) - set(OBERT_DEFAULTS)
-        if unknown:
-            raise ValueError(f"unknown obert method_kwargs {sorted(unknown)}; known: {sorted(OBERT_DEFAULTS)}")
-        config.method_kwargs = {**config.method_kwargs, **method_over}
         super().__init__(model, config, **overrides)
-        self.opts = {**OBERT_DEFAULTS, **config.method_kwargs}
-        self._validate_opts()
+        if sampler is not None:  # gradients come from the given sampler, not from the Trainer's batches
+            self.needs = dataclasses.replace(self.needs, calibration_data=False)
         self.loss_fn = loss_fn
         self.sampler = sampler
         self.stats: list[dict[str, Any]] = []
 
-    def _validate_opts(self) -> None:
-        o = self.opts
-        for key in ("num_grads", "block_size", "num_recomputations", "grad_chunk"):
-            if isinstance(o[key], bool) or not isinstance(o[key], int) or o[key] < 1:
-                raise ValueError(f"obert {key} must be a positive integer, got {o[key]!r}")
-        if o["fisher_form"] not in FISHER_FORMS:
-            raise ValueError(f"obert fisher_form must be one of {FISHER_FORMS}, got {o['fisher_form']!r}")
-        if o["update"] not in UPDATE_MODES:
-            raise ValueError(f"obert update must be one of {UPDATE_MODES}, got {o['update']!r}")
-        if o["fisher_dtype"] not in DTYPES:
-            raise ValueError(f"obert fisher_dtype must be one of {sorted(DTYPES)}, got {o['fisher_dtype']!r}")
-        if not (isinstance(o["damp"], (int, float)) and o["damp"] > 0):
-            raise ValueError(f"obert damp must be > 0, got {o['damp']!r}")
-        lpp = o["layers_per_pass"]
-        if lpp is not None and (isinstance(lpp, bool) or not isinstance(lpp, int) or lpp < 1):
-            raise ValueError(f"obert layers_per_pass must be null or a positive integer, got {lpp!r}")
-
     # ---- Trainer events ---------------------------------------------------------------------
-    def compute_scores(self, **kwargs: Any) -> dict[str, torch.Tensor]:  # pragma: no cover - not used
-        raise NotImplementedError("OBERTPruningCallback scores and updates weights in update_masks")
-
     def on_train_begin(self, args, state, control, **kwargs):
         super().on_train_begin(args, state, control, **kwargs)
-        if self.opts["lr_rewind"]:
+        if self.options.lr_rewind:
             self.install_lr_rewind(kwargs.get("lr_scheduler"), state.max_steps)
 
     def install_lr_rewind(self, lr_scheduler: Any, max_steps: int) -> RewindLambda:
@@ -154,55 +155,50 @@ class OBERTPruningCallback(PruningCallback):
         return fns[0]
 
     # ---- pruning ----------------------------------------------------------------------------
-    @torch.no_grad()
-    def update_masks(self, step: int, **kwargs: Any) -> None:
-        """Prune to the schedule's target at ``step``: ``num_recomputations`` rounds of collect → score → OBS update."""
-        target = self.schedule.target(step)
-        self.prune_step(target, step, kwargs.get("args"), kwargs.get("train_dataloader"))
-        self.last_pruned_step = step
-        self.current_target = target
-        self.model._prune_trainer_target = target
+    def compute_masks(self, step: int, target: float, context: PruningContext) -> dict[str, torch.Tensor]:
+        """Prune to ``target``: ``num_recomputations`` rounds of collect → score → OBS update (weights change)."""
+        self.prune_step(target, step, context.args, context.train_dataloader)
+        return {name: layer.weight_mask.clone() for name, layer in self.layers.items()}
 
     @torch.no_grad()
     def prune_step(self, target: float, step: int = 0, args: Any = None, train_dataloader: Any = None) -> None:
         """One oBERT pruning step to sparsity ``target`` (usable outside a Trainer when ``sampler`` is set)."""
         sampler = self.sampler or GradientSampler.from_trainer(
-            args, train_dataloader, self.opts["grad_batch_size"], self.opts["seed"], self.loss_fn
+            args, train_dataloader, self.options.grad_batch_size, self.options.seed, self.loss_fn
         )
         start = min(self.current_target, target)
-        k = self.opts["num_recomputations"]
+        k = self.options.num_recomputations
         for r in range(1, k + 1):
             sparsity = start + (target - start) * r / k
             self._prune_round(sparsity, sampler, round_key=step * 1009 + r)
-        self._broadcast_weights()
 
     def _layer_groups(self) -> list[list[str]]:
         names = list(self.layers)
-        size = self.opts["layers_per_pass"] or len(names)
+        size = self.options.layers_per_pass or len(names)
         return [names[i : i + size] for i in range(0, len(names), size)]
 
     def _build_fisher(self, names: list[str], sampler: GradientSampler, round_key: int, timing: dict) -> dict:
-        o = self.opts
+        o = self.options
         world = sampler.world_size
-        m_local = math.ceil(o["num_grads"] / world)
+        m_local = math.ceil(o.num_grads / world)
         m_total = m_local * world
-        dtype = DTYPES[o["fisher_dtype"]]
+        dtype = DTYPES[o.fisher_dtype]
         device = next(iter(self.layers.values())).weight.device
-        size = sum(fisher_inverse_bytes(self.layers[n].weight.numel(), o["block_size"], dtype) for n in names)
-        if o["verbose"] and sampler.rank == 0:
+        size = sum(fisher_inverse_bytes(self.layers[n].weight.numel(), o.block_size, dtype) for n in names)
+        if o.verbose and sampler.rank == 0:
             print(
                 f"[obert] Fisher inverse for {len(names)} layer(s): {format_bytes(size)} "
-                f"(B={o['block_size']}, {o['fisher_dtype']}, m={m_total}, form={o['fisher_form']})",
+                f"(B={o.block_size}, {o.fisher_dtype}, m={m_total}, form={o.fisher_form})",
                 flush=True,
             )
         finvs = {
             n: BlockFisherInverse(
-                self.layers[n].weight.numel(), o["block_size"], m_total, o["damp"], o["fisher_form"], dtype, device
+                self.layers[n].weight.numel(), o.block_size, m_total, o.damp, o.fisher_form, dtype, device
             )
             for n in names
         }
         params = [self.layers[n].weight for n in names]
-        masks = [self.layers[n].weight_mask for n in names] if o["mask_gradients"] else None
+        masks = [self.layers[n].weight_mask for n in names] if o.mask_gradients else None
         buffers: list[list[torch.Tensor]] = [[] for _ in names]
 
         def flush() -> None:
@@ -210,7 +206,7 @@ class OBERTPruningCallback(PruningCallback):
             for n, buf in zip(names, buffers, strict=True):
                 if buf:
                     grads = torch.stack(buf)
-                    if world > 1 and o["fisher_form"] == "woodbury":
+                    if world > 1 and o.fisher_form == "woodbury":
                         gathered = [torch.empty_like(grads) for _ in range(world)]
                         dist.all_gather(gathered, grads)
                         grads = torch.cat(gathered)
@@ -222,7 +218,7 @@ class OBERTPruningCallback(PruningCallback):
         for grads in sampler.sample(self.model, params, m_local, round_key, masks):
             for buf, g in zip(buffers, grads, strict=True):
                 buf.append(g)
-            if len(buffers[0]) >= o["grad_chunk"]:
+            if len(buffers[0]) >= o.grad_chunk:
                 timing["collect_s"] += time.perf_counter() - t
                 flush()
                 t = time.perf_counter()
@@ -230,15 +226,11 @@ class OBERTPruningCallback(PruningCallback):
         flush()
         t = time.perf_counter()
         for n in names:
-            if world > 1 and o["fisher_form"] == "direct":
+            if world > 1 and o.fisher_form == "direct":
                 finvs[n].all_reduce_()
             finvs[n].finalize()
         timing["fisher_s"] += time.perf_counter() - t
         return finvs
-
-    def _select(self, scores: dict[str, torch.Tensor], sparsity: float) -> dict[str, torch.Tensor]:
-        scores = {n: s.masked_fill(~self.layers[n].weight_mask.to(s.device), float("-inf")) for n, s in scores.items()}
-        return select_masks(scores, sparsity, self.schedule.scope, self.schedule.pattern, self.config.min_kept_fraction)
 
     def _prune_round(self, sparsity: float, sampler: GradientSampler, round_key: int) -> None:
         """Collect → Fisher inverse → scores → masks → OBS update, layer group by layer group.
@@ -250,7 +242,7 @@ class OBERTPruningCallback(PruningCallback):
         """
         timing = {"collect_s": 0.0, "fisher_s": 0.0, "score_s": 0.0, "update_s": 0.0}
         groups = self._layer_groups()
-        local_select = self.schedule.scope == "layer" or parse_pattern(self.schedule.pattern) is not None
+        local_select = self.config.scope == "layer" or self.config.nm is not None
         masks: dict[str, torch.Tensor] = {}
         new_weights: dict[str, torch.Tensor] = {}
 
@@ -259,7 +251,7 @@ class OBERTPruningCallback(PruningCallback):
             for n in names:
                 layer = self.layers[n]
                 new_weights[n] = obs_update(
-                    layer.weight, ~masks[n], finvs[n], self.opts["update"], newly_pruned=layer.weight_mask & ~masks[n]
+                    layer.weight, ~masks[n], finvs[n], self.options.update, newly_pruned=layer.weight_mask & ~masks[n]
                 )
             timing["update_s"] += time.perf_counter() - t
 
@@ -268,7 +260,7 @@ class OBERTPruningCallback(PruningCallback):
                 finvs = self._build_fisher(names, sampler, round_key, timing)
                 t = time.perf_counter()
                 scores = {n: obs_scores(self.layers[n].weight, finvs[n]) for n in names}
-                masks.update(self._select(scores, sparsity))
+                masks.update(self.select(scores, sparsity))
                 timing["score_s"] += time.perf_counter() - t
                 update(names, finvs)
                 del finvs
@@ -281,7 +273,7 @@ class OBERTPruningCallback(PruningCallback):
                 timing["score_s"] += time.perf_counter() - t
                 del finvs
             t = time.perf_counter()
-            masks = self._select(scores, sparsity)
+            masks = self.select(scores, sparsity)
             timing["score_s"] += time.perf_counter() - t
             for names in groups:
                 finvs = self._build_fisher(names, sampler, round_key, timing)
@@ -292,17 +284,9 @@ class OBERTPruningCallback(PruningCallback):
             layer.weight.copy_(w.to(layer.weight.device, layer.weight.dtype))
             layer.set_mask(masks[n])
         self.stats.append({"round_key": round_key, "sparsity": sparsity, **{k: round(v, 3) for k, v in timing.items()}})
-        if self.opts["verbose"] and sampler.rank == 0:
+        if self.options.verbose and sampler.rank == 0:
             times = ", ".join(f"{k}={v:.2f}" for k, v in timing.items())
             print(f"[obert] pruned to {sparsity:.4f}: {times}", flush=True)
-
-    def _broadcast_weights(self) -> None:
-        """Under torch.distributed, make rank 0's pruned weights and masks every rank's (bitwise)."""
-        if not _is_dist():
-            return
-        for layer in self.layers.values():
-            dist.broadcast(layer.weight.data, src=0)
-        self.broadcast_masks()
 
     # ---- checkpoint state -------------------------------------------------------------------
     def method_state(self) -> dict[str, Any]:

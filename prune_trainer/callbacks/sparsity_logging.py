@@ -2,68 +2,60 @@
 
 from __future__ import annotations
 
-import inspect
+from typing import Any
 
-from torch import nn
-from transformers import TrainerCallback
-from transformers.trainer_callback import CallbackHandler
+from transformers import Trainer, TrainerCallback
 
-from prune_trainer.masking.inject import masked_layers
+from prune_trainer.callbacks.base import PruningCallback
 from prune_trainer.masking.sparsity import mask_sparsity
 
 
 class SparsityLoggingCallback(TrainerCallback):
     """At every logging step add ``sparsity/global``, ``sparsity/target`` and ``sparsity/<layer>``.
 
-    The reporting integrations (`WandbCallback`, ...) come before user callbacks in the Trainer's
-    list, and they read the ``logs`` dict when their own ``on_log`` runs; so when the Trainer is
-    built this callback moves itself to the front of the list, ahead of the reporters.
+    The Trainer calls its reporting integrations (`WandbCallback`, ...) before the callbacks a user passes,
+    and each reads the ``logs`` dict in its own ``on_log``; so put this callback first with `install`::
+
+        pruner = MagnitudePruningCallback(model, final_sparsity=0.9)
+        trainer = Trainer(model=model, args=args, ..., callbacks=[pruner])
+        SparsityLoggingCallback(pruner).install(trainer)   # ahead of the reporters
+
+    Passed in ``callbacks=[...]`` instead, it still completes the Trainer's ``log_history`` (and every
+    callback after it), but the reporters have already sent that step's row without the sparsity.
 
     Args:
-        model: the pruned model (after a pruning callback wrapped it).
+        pruner: the pruning callback whose layers and target are logged.
         per_layer: also log each layer's sparsity.
     """
 
-    def __init__(self, model: nn.Module, per_layer: bool = True) -> None:
-        self.model = model
+    def __init__(self, pruner: PruningCallback, per_layer: bool = True) -> None:
+        if not isinstance(pruner, PruningCallback):
+            raise TypeError(
+                f"SparsityLoggingCallback takes the pruning callback (e.g. MagnitudePruningCallback), got "
+                f"{type(pruner).__name__}"
+            )
+        self.pruner = pruner
         self.per_layer = per_layer
-        self._moved = False
 
-    def on_init_end(self, args, state, control, **kwargs):
-        self._move_before_reporters()
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        self._move_before_reporters()
-
-    def _move_before_reporters(self) -> None:
-        if self._moved:
-            return
-        frame = inspect.currentframe()
-        try:
-            caller = frame.f_back.f_back if frame and frame.f_back else None
-            handler = caller.f_locals.get("self") if caller is not None else None
-            if isinstance(handler, CallbackHandler) and self in handler.callbacks:
-                handler.callbacks.remove(self)
-                handler.callbacks.insert(0, self)
-                self._moved = True
-        finally:
-            del frame
+    def install(self, trainer: Trainer) -> SparsityLoggingCallback:
+        """Put this callback first in ``trainer``'s callback list (before the reporting integrations)."""
+        callbacks = trainer.callback_handler.callbacks
+        if self in callbacks:
+            callbacks.remove(self)
+        callbacks.insert(0, self)
+        return self
 
     def sparsity_logs(self) -> dict[str, float]:
         """The values added to the logs (also usable outside a Trainer)."""
-        layers = masked_layers(self.model)
-        if not layers:
+        if not self.pruner.layers:
             return {}
-        global_sparsity, per_layer = mask_sparsity(layers)
-        logs = {"sparsity/global": global_sparsity}
-        target = getattr(self.model, "_prune_trainer_target", None)
-        if target is not None:
-            logs["sparsity/target"] = float(target)
+        global_sparsity, per_layer = mask_sparsity(self.pruner.layers)
+        logs = {"sparsity/global": global_sparsity, "sparsity/target": float(self.pruner.current_target)}
         if self.per_layer:
             logs.update({f"sparsity/{name}": value for name, value in per_layer.items()})
         return logs
 
-    def on_log(self, args, state, control, logs=None, **kwargs):
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None, **kwargs: Any):
         if logs is None or any(k.startswith("eval_") for k in logs):
             return
         values = self.sparsity_logs()

@@ -65,11 +65,13 @@ def inject_masked_layers(
 ) -> dict[str, MaskedLinear]:
     """Replace each target Linear by a `MaskedLinear` sharing its parameters; return them by name.
 
-    Idempotent: layers that are already `MaskedLinear` are returned as they are, so several
-    callbacks on one model share one set of masks.
+    Idempotent: layers that are already `MaskedLinear` are returned as they are (with ``mask_in_forward``
+    switched on if asked), so several callbacks on one model share one set of masks.
     """
     existing = masked_layers(model)
     if existing:
+        for layer in existing.values():
+            layer.mask_in_forward = layer.mask_in_forward or mask_in_forward
         return existing
     layers: dict[str, MaskedLinear] = {}
     for name in find_target_linears(model, targets, exclude):

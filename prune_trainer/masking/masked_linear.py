@@ -1,4 +1,4 @@
-"""`MaskedLinear`: an `nn.Linear` that carries a binary weight mask (and optional per-weight scores).
+"""`MaskedLinear`: an `nn.Linear` that carries a binary weight mask (and optional trainable mask scores).
 
 The effective weight is ``W ⊙ M``. The class keeps the parameter names of `nn.Linear` (``weight``,
 ``bias``) and adds a persistent buffer ``weight_mask``, so a wrapped model's checkpoints keep the
@@ -6,7 +6,11 @@ original keys plus one mask per layer, and `Trainer` checkpoints restore masks w
 
 Invariant kept by the pruning callbacks: pruned entries of ``weight`` are exactly zero. The forward
 therefore uses ``weight`` directly (no extra multiply per step) unless ``mask_in_forward`` is set,
-which methods whose mask is a function of trainable scores (movement pruning) rely on.
+which methods whose mask changes while the weights are kept rely on.
+
+Trainable mask scores (``attach_scores``; movement pruning, Sanh et al. 2020 eq. 2–3): the forward is
+``y = x (W ⊙ STE(S, M))ᵀ + b`` where the straight-through estimator passes ``∂L/∂M`` to the scores ``S``
+unchanged, so every weight's score learns, pruned ones included (``∂L/∂S_ij = Σ_tokens (∂L/∂y_i) x_j W_ij``).
 """
 
 from __future__ import annotations
@@ -14,6 +18,27 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+class StraightThroughMask(torch.autograd.Function):
+    """Forward: the given 0/1 ``mask`` as the scores' dtype. Backward: ``∂L/∂S = ∂L/∂M`` (identity).
+
+    The mask is computed from the scores outside the autograd graph (top-k or threshold), so one op covers
+    hard and soft movement pruning (Sanh et al. 2020, eq. 3).
+    """
+
+    @staticmethod
+    def forward(ctx, scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return mask.to(scores.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+        return grad_output, None
+
+
+def straight_through_mask(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``mask`` (as a float tensor) whose gradient flows to ``scores`` unchanged."""
+    return StraightThroughMask.apply(scores, mask)
 
 
 class MaskedLinear(nn.Linear):
@@ -62,7 +87,7 @@ class MaskedLinear(nn.Linear):
             device=self.weight.device, dtype=self.weight.dtype,
         )
         with torch.no_grad():
-            linear.weight.copy_(self.weight * self.weight_mask.to(self.weight.dtype))
+            linear.weight.copy_(self.weight.masked_fill(~self.weight_mask, 0))
             if self.bias is not None:
                 linear.bias.copy_(self.bias)
         linear.weight.requires_grad_(self.weight.requires_grad)
@@ -78,21 +103,38 @@ class MaskedLinear(nn.Linear):
 
     @torch.no_grad()
     def apply_mask(self) -> None:
-        """Zero the pruned weights in place: ``W ← W ⊙ M``."""
-        self.weight.mul_(self.weight_mask.to(self.weight.dtype))
+        """Zero the pruned weights in place: ``W ← where(M, W, 0)`` (exact zeros even where W is NaN or inf)."""
+        self.weight.masked_fill_(~self.weight_mask, 0)
 
     @torch.no_grad()
     def mask_grad(self) -> None:
-        """Zero the gradient of pruned weights in place: ``∇W ← ∇W ⊙ M``."""
+        """Zero the gradient of pruned weights in place: ``∇W ← where(M, ∇W, 0)`` (a NaN there cannot leak)."""
         if self.weight.grad is not None:
-            self.weight.grad.mul_(self.weight_mask.to(self.weight.grad.dtype))
+            self.weight.grad.masked_fill_(~self.weight_mask, 0)
 
     def effective_weight(self) -> torch.Tensor:
-        """``W ⊙ M`` (differentiable w.r.t. ``W``)."""
-        return self.weight * self.weight_mask.to(self.weight.dtype)
+        """``where(M, W, 0)`` (differentiable w.r.t. ``W``; the gradient of pruned entries is 0)."""
+        return self.weight.masked_fill(~self.weight_mask, 0)
+
+    def attach_scores(self, init: float = 0.0, requires_grad: bool = True) -> nn.Parameter:
+        """Create the score Parameter ``S`` (constant ``init``) if absent; the forward then uses ``STE(S, M)``."""
+        if self.mask_scores is None:
+            self.mask_scores = nn.Parameter(torch.full_like(self.weight, float(init)), requires_grad=requires_grad)
+        return self.mask_scores
+
+    @torch.no_grad()
+    def freeze(self) -> None:
+        """Bake the current mask in: zero the pruned weights and drop the scores."""
+        self.apply_mask()
+        self.mask_scores = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.effective_weight() if self.mask_in_forward else self.weight
+        if self.mask_scores is not None:
+            weight = self.weight * straight_through_mask(self.mask_scores, self.weight_mask)
+        elif self.mask_in_forward:
+            weight = self.effective_weight()
+        else:
+            weight = self.weight
         return F.linear(x, weight, self.bias)
 
     def extra_repr(self) -> str:

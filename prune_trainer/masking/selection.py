@@ -1,7 +1,9 @@
 """Turn importance scores into 0/1 masks: per layer, global across layers, or N:M.
 
 Every selector keeps the ``k = n - round(s·n)`` highest-scoring weights (exact count, ties broken
-by `torch.topk`), so the reached sparsity equals the requested one up to rounding.
+by `torch.topk`), so the reached sparsity equals the requested one up to rounding. Non-finite scores
+(NaN, ±inf: e.g. the magnitude of a diverged weight) rank below every finite score, so a NaN or inf
+weight is never kept in place of a finite one.
 """
 
 from __future__ import annotations
@@ -16,6 +18,12 @@ def check_sparsity(sparsity: float, name: str = "sparsity") -> float:
     return float(sparsity)
 
 
+def finite_scores(scores: torch.Tensor) -> torch.Tensor:
+    """``scores`` as float with NaN and ±inf replaced by -inf (ranked last by every selector)."""
+    scores = scores.float()
+    return scores.masked_fill(~torch.isfinite(scores), float("-inf"))
+
+
 def num_pruned(numel: int, sparsity: float) -> int:
     """Number of weights to prune for a target sparsity: ``round(s · n)``."""
     return int(round(check_sparsity(sparsity) * numel))
@@ -23,7 +31,7 @@ def num_pruned(numel: int, sparsity: float) -> int:
 
 def topk_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
     """Boolean mask keeping the ``n - round(s·n)`` largest entries of ``scores``."""
-    flat = scores.reshape(-1)
+    flat = finite_scores(scores).reshape(-1)
     keep = flat.numel() - num_pruned(flat.numel(), sparsity)
     mask = torch.zeros_like(flat, dtype=torch.bool)
     if keep > 0:
@@ -42,7 +50,7 @@ def global_topk_masks(
     """
     check_sparsity(sparsity)
     names = list(scores)
-    flats = [scores[n].reshape(-1).float() for n in names]
+    flats = [finite_scores(scores[n]).reshape(-1) for n in names]
     sizes = [f.numel() for f in flats]
     total = sum(sizes)
     keep_total = total - num_pruned(total, sparsity)
@@ -79,7 +87,7 @@ def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
     """Keep the ``n`` largest of every ``m`` consecutive scores along the input (last) dimension."""
     out_features, in_features = scores.shape
     check_nm(n, m, in_features)
-    groups = scores.reshape(out_features, in_features // m, m)
+    groups = finite_scores(scores).reshape(out_features, in_features // m, m)
     idx = torch.topk(groups, n, dim=-1, sorted=False).indices
     mask = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, idx, True)
     return mask.view(out_features, in_features)

@@ -3,7 +3,8 @@
 Each pruned layer carries trainable scores ``S`` (same shape as ``W``) and computes
 ``y = x (W ⊙ M(S))ᵀ + b``. The mask is not differentiable, so the straight-through estimator
 (paper eq. 2–3) passes the mask's gradient to the scores unchanged:
-``∂L/∂S_ij = ∂L/∂M_ij = (∂L/∂y)ᵀx ⊙ W``, i.e. ``Σ_tokens (∂L/∂y_i) x_j W_ij``.
+``∂L/∂S_ij = ∂L/∂M_ij = (∂L/∂y)ᵀx ⊙ W``, i.e. ``Σ_tokens (∂L/∂y_i) x_j W_ij``; the layer side (scores on
+`MaskedLinear`, the straight-through op) lives in `prune_trainer.masking.masked_linear`.
 
 - hard movement pruning: ``M = Top_v(S)``, the ``k = (1 - s)·n`` largest scores (per layer or
   across layers), `hard_movement_masks`;
@@ -18,59 +19,6 @@ import math
 from collections.abc import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
-
-from prune_trainer.masking.masked_linear import MaskedLinear
-
-
-class StraightThroughMask(torch.autograd.Function):
-    """Forward: the given 0/1 ``mask`` as the scores' dtype. Backward: ``∂L/∂S = ∂L/∂M`` (identity).
-
-    The mask is computed from the scores outside the autograd graph (top-k or threshold), so one
-    op covers hard and soft movement pruning (Sanh et al. 2020, eq. 3).
-    """
-
-    @staticmethod
-    def forward(ctx, scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        return mask.to(scores.dtype)
-
-    @staticmethod
-    def backward(ctx, grad_output: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
-        return grad_output, None
-
-
-def straight_through_mask(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """``mask`` (as a float tensor) whose gradient flows to ``scores`` unchanged."""
-    return StraightThroughMask.apply(scores, mask)
-
-
-class MovementLinear(MaskedLinear):
-    """`MaskedLinear` whose forward is ``y = x (W ⊙ STE(S, M))ᵀ + b`` while scores are attached.
-
-    ``weight_mask`` holds the current ``M(S)`` (refreshed by `MovementPruningCallback` after every
-    optimizer step); pruned weights are *not* zeroed while training, so a weight whose score rises
-    again comes back with its value (as in the reference implementation). Without scores
-    (``mask_scores is None``, after `freeze`) it is a plain `MaskedLinear`.
-    """
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.mask_scores is None:
-            return super().forward(x)
-        mask = straight_through_mask(self.mask_scores, self.weight_mask)
-        return F.linear(x, self.weight * mask, self.bias)
-
-    def attach_scores(self, init: float = 0.0, requires_grad: bool = True) -> torch.nn.Parameter:
-        """Create the score Parameter ``S`` (constant ``init``, like ``--mask_init constant``) if absent."""
-        if self.mask_scores is None:
-            scores = torch.full_like(self.weight, float(init))
-            self.mask_scores = torch.nn.Parameter(scores, requires_grad=requires_grad)
-        return self.mask_scores
-
-    @torch.no_grad()
-    def freeze(self) -> None:
-        """Bake the current mask in: zero the pruned weights and drop the scores."""
-        self.apply_mask()
-        self.mask_scores = None
 
 
 def keep_top_k(flat: torch.Tensor, k: int) -> torch.Tensor:

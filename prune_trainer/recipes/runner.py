@@ -196,7 +196,7 @@ def run_recipe(recipe: dict[str, Any], results_root: str | os.PathLike = "result
     if pruning_cfg is not None:
         check_sparsity(pruning_cfg.schedule.final_sparsity, "final_sparsity")
         pruner = make_pruning_callback(model, pruning_cfg)
-        callbacks += [pruner, SparsityLoggingCallback(model)]
+        callbacks.append(pruner)
     if recipe.get("distillation"):  # {teacher: <path> | "init_from", alpha, temperature}
         from prune_trainer.callbacks.distillation import make_distillation_callback
 
@@ -222,6 +222,8 @@ def run_recipe(recipe: dict[str, Any], results_root: str | os.PathLike = "result
         preprocess_logits_for_metrics=preprocess_logits_for_metrics,
         callbacks=callbacks,
     )
+    if pruner is not None:
+        SparsityLoggingCallback(pruner).install(trainer)  # ahead of the reporters (W&B, ...)
     resumed_from = last_checkpoint_step(ckpt_dir)
     train_out = trainer.train(resume_from_checkpoint=True if resumed_from is not None else None)
 
@@ -238,7 +240,7 @@ def run_recipe(recipe: dict[str, Any], results_root: str | os.PathLike = "result
         out_dir / "model",
         tokenizer,
         method=pruning_cfg.method if pruning_cfg else "dense",
-        pattern=pruning_cfg.schedule.pattern if pruning_cfg else "unstructured",
+        pattern=pruning_cfg.pattern if pruning_cfg else "unstructured",
         config=recipe,
     )
     wall = time.time() - start

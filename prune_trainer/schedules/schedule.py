@@ -9,61 +9,76 @@ holds ``s_f`` from ``t_0``; one-shot jumps from ``s_i`` to ``s_f`` at ``t_0``.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
-from prune_trainer.masking.selection import check_sparsity, parse_pattern
+from prune_trainer.masking.selection import check_sparsity
+from prune_trainer.options import Options
 
-SCHEDULE_KINDS = ("cubic", "linear", "constant", "oneshot")
-SCOPES = ("global", "layer")
+ScheduleKind = Literal["cubic", "linear", "constant", "oneshot"]
+SCHEDULE_KINDS: tuple[str, ...] = ("cubic", "linear", "constant", "oneshot")
+MOVED_TO_CONFIG = ("scope", "pattern")
 
 
 @dataclass
-class PruningSchedule:
+class PruningSchedule(Options):
     """When and how much to prune.
 
-    ``start_step``/``end_step``: an int is an optimizer step; a float in (0, 1] is a fraction of the
-    run's total steps (resolved with `resolve`). ``end_step=None`` means the last step.
+    ``start_step``/``end_step``: an int is an optimizer step; a float in [0, 1] is a fraction of the
+    run's total steps (resolved with `resolve`). The default ``end_step=0.75`` leaves the last quarter of
+    training to fine-tune the final mask; ``end_step=None`` means the last step (the final mask is then
+    applied when training stops and never fine-tuned: a warning says so).
     ``frequency``: prune every that many steps between start and end (the Δt of Zhu & Gupta).
-    ``scope``: ``"global"`` ranks weights across all target layers, ``"layer"`` within each layer.
-    ``pattern``: ``"unstructured"`` or ``"N:M"`` (N:M masks are per layer and ignore the schedule's
-    intermediate values: each pruning step applies the N:M pattern).
     """
 
-    kind: str = "cubic"
+    section = "pruning schedule"
+
+    kind: ScheduleKind = "cubic"
     initial_sparsity: float = 0.0
     final_sparsity: float = 0.9
     start_step: int | float = 0
-    end_step: int | float | None = None
+    end_step: int | float | None = 0.75
     frequency: int = 100
-    scope: str = "global"
-    pattern: str = "unstructured"
 
-    def __post_init__(self) -> None:
-        if self.kind not in SCHEDULE_KINDS:
-            raise ValueError(f"unknown schedule kind {self.kind!r}; choose one of {SCHEDULE_KINDS}")
-        if self.scope not in SCOPES:
-            raise ValueError(f"unknown sparsity scope {self.scope!r}; choose one of {SCOPES}")
+    def validate(self) -> None:
         check_sparsity(self.initial_sparsity, "initial_sparsity")
         check_sparsity(self.final_sparsity, "final_sparsity")
         if self.initial_sparsity > self.final_sparsity:
             raise ValueError(
                 f"initial_sparsity {self.initial_sparsity} is above final_sparsity {self.final_sparsity}"
             )
-        if not isinstance(self.frequency, int) or self.frequency < 1:
+        if self.frequency < 1:
             raise ValueError(f"frequency must be a positive integer, got {self.frequency!r}")
-        for field in ("start_step", "end_step"):
-            value = getattr(self, field)
-            if value is None and field == "end_step":
+        for name in ("start_step", "end_step"):
+            value = getattr(self, name)
+            if value is None:
                 continue
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-                raise ValueError(f"{field} must be a non-negative int or a fraction in (0, 1], got {value!r}")
+            if value < 0:
+                raise ValueError(f"{name} must be a non-negative int or a fraction in [0, 1], got {value!r}")
             if isinstance(value, float) and value > 1:
-                raise ValueError(f"{field} as a float is a fraction of training and must be ≤ 1, got {value!r}")
-        parse_pattern(self.pattern)
+                raise ValueError(f"{name} as a float is a fraction of training and must be ≤ 1, got {value!r}")
+        ends = self.kind in ("cubic", "linear") and self.end_step is not None
+        if ends and type(self.start_step) is type(self.end_step) and self.end_step < self.start_step:
+            raise ValueError(f"end_step {self.end_step} is before start_step {self.start_step}")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> PruningSchedule:
+        moved = sorted(set(data or {}) & set(MOVED_TO_CONFIG))
+        if moved:
+            raise ValueError(
+                f"pruning schedule: {moved} moved out of the schedule: set them on the pruning config "
+                f"(pruning.{moved[0]}: ... in a recipe, PruningConfig({moved[0]}=...) in Python)"
+            )
+        return super().from_dict(data)
 
     def resolve(self, max_steps: int) -> PruningSchedule:
-        """Copy with fractional/None start and end turned into absolute steps for a ``max_steps`` run."""
+        """Copy with fractional/None start and end turned into absolute steps for a ``max_steps`` run.
+
+        Errors when the end is before the start; warns when the start or end is past ``max_steps`` (the
+        final target is not reached; the recipe runner makes this an error) or the final target is reached
+        only at the last step (no fine-tuning of the final mask).
+        """
 
         def to_step(value: int | float | None) -> int:
             if value is None:
@@ -73,8 +88,25 @@ class PruningSchedule:
             return int(value)
 
         start, end = to_step(self.start_step), to_step(self.end_step)
+        if self.kind in ("oneshot", "constant"):
+            end = start
         if end < start:
             raise ValueError(f"end_step {end} is before start_step {start} (max_steps={max_steps})")
+        if start > max_steps or end > max_steps:
+            which = "end_step" if end > max_steps else "start_step"
+            reached = dataclasses.replace(self, start_step=start, end_step=end).target(max_steps)
+            warnings.warn(
+                f"{which} {max(start, end)} is past the run's last step {max_steps}: the schedule reaches "
+                f"{reached:.1%} instead of final_sparsity {self.final_sparsity:.1%} before training stops; lower it or "
+                "give a fraction of training (e.g. end_step: 0.75)",
+                stacklevel=2,
+            )
+        if self.kind in ("cubic", "linear") and end == max_steps and self.final_sparsity > self.initial_sparsity:
+            warnings.warn(
+                f"end_step {end} is the run's last step: the final mask ({self.final_sparsity:.0%}) is applied when "
+                "training stops and is never fine-tuned; end earlier (e.g. end_step: 0.75) to leave training after it",
+                stacklevel=2,
+            )
         return dataclasses.replace(self, start_step=start, end_step=end)
 
     def target(self, step: int) -> float:
@@ -104,13 +136,3 @@ class PruningSchedule:
         if step < t0 or step > t1:
             return False
         return (step - t0) % self.frequency == 0 or step == t1
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> PruningSchedule:
-        unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown schedule field(s) {sorted(unknown)}")
-        return cls(**data)
