@@ -23,8 +23,8 @@ def run_torchrun(script: Path, out: Path, nproc: int = 2, *extra: str) -> None:
 
 def test_magnitude_masks_identical_on_every_rank(tmp_path):
     run_torchrun(Path(__file__).parent / "ddp_worker.py", tmp_path)
-    r0 = torch.load(tmp_path / "rank0.pt")
-    r1 = torch.load(tmp_path / "rank1.pt")
+    r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
     assert r0["world_size"] == 2
     for name in r0["masks"]:
         assert torch.equal(r0["masks"][name], r1["masks"][name]), name
@@ -38,8 +38,8 @@ def test_movement_scores_and_masks_identical_on_every_rank(tmp_path):
     """DDP does not average the score gradients (the scores join the optimizer after wrapping); the callback
     must, so the scores stay identical although each rank trains on its own data shard."""
     run_torchrun(Path(__file__).parent / "ddp_worker.py", tmp_path, 2, "movement")
-    r0 = torch.load(tmp_path / "rank0.pt")
-    r1 = torch.load(tmp_path / "rank1.pt")
+    r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
     assert r0["world_size"] == 2 and r0["scores"]
     moved = 0.0
     for name in r0["scores"]:

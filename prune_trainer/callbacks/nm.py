@@ -205,7 +205,7 @@ class NMSparsityCallback(PruningCallback):
             path = os.path.join(args.output_dir, f"checkpoint-{state.global_step}", DENSE_FILE)
             if not os.path.isfile(path):
                 raise FileNotFoundError(f"resuming SR-STE needs the dense weights saved at {path}")
-            saved = torch.load(path, map_location="cpu")
+            saved = torch.load(path, map_location="cpu", weights_only=True)
             self.dense = {n: saved[n].to(self.layers[n].weight.device) for n in self.layers}
 
     def on_step_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
