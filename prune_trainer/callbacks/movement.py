@@ -19,8 +19,9 @@ Math in `prune_trainer.methods.movement` (Sanh et al. 2020). What the callback a
   ``on_train_begin``, so the Trainer's own groups never contain them; ``on_train_begin`` then adds the
   group, and appends ``score_lr`` / group 0's multiplier to the Trainer's ``LambdaLR`` (``base_lrs``,
   ``lr_lambdas``), so the Trainer's warm-up and decay apply to the scores: ``lr_S(t) = score_lr · λ(t)``.
-  Under DDP the score gradients are averaged over ranks in ``on_pre_optimizer_step`` (DDP's reducer
-  does not know the scores), so every rank keeps identical scores.
+  Under DDP the score gradients are averaged over ranks at the end of the backward pass of the last
+  micro-batch of each optimizer step (DDP's reducer does not know the scores), before the Trainer clips the
+  gradient norm over all parameters, so every rank clips alike and keeps identical weights and scores.
   Resume: the optimizer's ``state_dict`` (what the Trainer saves) leaves the score group out, so
   ``optimizer.pt`` matches the layout the Trainer builds and loads before ``on_train_begin``; the
   score group's Adam state is saved next to it (``movement_optimizer.pt``) and restored here.
@@ -66,6 +67,39 @@ def unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer:
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"expected a torch optimizer, got {type(optimizer).__name__}")
     return optimizer
+
+
+def _is_multi_rank() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized() and (
+        torch.distributed.get_world_size() > 1
+    )
+
+
+def register_score_grad_averaging(pruner: MovementPruningCallback) -> list[Any]:
+    """Under torch.distributed: hooks that run ``pruner.average_score_grads()`` once per optimizer step, at the end
+    of the backward pass of its last micro-batch (accelerate's ``sync_gradients``, set by the Trainer per
+    micro-batch), i.e. after gradient accumulation and before the Trainer's gradient clipping. Returns the handles.
+
+    A post-accumulate-grad hook on each score queues the averaging as an autograd-engine callback (as DDP's
+    reducer does), so it runs once, after every score gradient of that backward pass has been accumulated.
+    """
+    if not _is_multi_rank():
+        return []
+    from accelerate.state import GradientState
+
+    gradient_state = GradientState()
+    queued = [False]
+
+    def average() -> None:
+        queued[0] = False
+        pruner.average_score_grads()
+
+    def hook(_param: torch.Tensor) -> None:
+        if gradient_state.sync_gradients and not queued[0]:
+            queued[0] = True
+            torch.autograd.Variable._execution_engine.queue_callback(average)
+
+    return [p.register_post_accumulate_grad_hook(hook) for p in pruner.score_params()]
 
 
 def _convert_to_movement(model: nn.Module, config: PruningConfig) -> dict[str, MovementLinear]:
@@ -217,11 +251,11 @@ class MovementPruningCallback(PruningCallback):
         The scores are frozen when the Trainer wraps the model in DDP, so DDP's reducer does not average their
         gradients; without this every rank's scores would follow only its own data shard.
         """
-        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        if not _is_multi_rank():
             return
         world = torch.distributed.get_world_size()
         grads = [p.grad for p in self.score_params() if p.grad is not None]
-        if world <= 1 or not grads:
+        if not grads:
             return
         flat = torch.cat([g.reshape(-1) for g in grads])
         torch.distributed.all_reduce(flat)
@@ -372,15 +406,16 @@ class MovementPruningCallback(PruningCallback):
             self._load_score_optimizer(os.path.join(args.output_dir, f"checkpoint-{state.global_step}"))
         if not self._hooks:
             self._hooks.append(self.model.register_forward_hook(self._loss_hook))
+            self._hooks.extend(register_score_grad_averaging(self))
         self.update_masks(state.global_step)
 
     def on_step_begin(self, args, state, control, **kwargs):
         pass  # masks are refreshed after every optimizer step (on_step_end) and at train begin
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        # ∂L/∂W is already 0 for masked weights (W ⊙ M in the forward); the scores' gradients are averaged
-        # over ranks here because DDP does not see them (frozen when the Trainer wrapped the model).
-        self.average_score_grads()
+        # ∂L/∂W is already 0 for masked weights (W ⊙ M in the forward); the scores' gradients were averaged over
+        # ranks after the last backward of the step (`register_score_grad_averaging`), before the Trainer clipped.
+        pass
 
     def on_optimizer_step(self, args, state, control, **kwargs):
         pass  # pruned weights are not zeroed while scores can still bring them back
