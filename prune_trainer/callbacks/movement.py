@@ -81,23 +81,21 @@ def register_score_grad_averaging(pruner: MovementPruningCallback) -> list[Any]:
     micro-batch), i.e. after gradient accumulation and before the Trainer's gradient clipping. Returns the handles.
 
     A post-accumulate-grad hook on each score queues the averaging as an autograd-engine callback (as DDP's
-    reducer does), so it runs once, after every score gradient of that backward pass has been accumulated.
+    reducer does) once per backward pass (keyed by its graph-task id), so it runs after every score gradient of
+    that backward pass has been accumulated.
     """
     if not _is_multi_rank():
         return []
     from accelerate.state import GradientState
 
     gradient_state = GradientState()
-    queued = [False]
-
-    def average() -> None:
-        queued[0] = False
-        pruner.average_score_grads()
+    queued_for = [-1]  # graph task of the backward pass the averaging is queued for
 
     def hook(_param: torch.Tensor) -> None:
-        if gradient_state.sync_gradients and not queued[0]:
-            queued[0] = True
-            torch.autograd.Variable._execution_engine.queue_callback(average)
+        task = torch._C._current_graph_task_id()
+        if gradient_state.sync_gradients and queued_for[0] != task:
+            queued_for[0] = task
+            torch.autograd.Variable._execution_engine.queue_callback(pruner.average_score_grads)
 
     return [p.register_post_accumulate_grad_hook(hook) for p in pruner.score_params()]
 
