@@ -1,7 +1,9 @@
 """Run by `torchrun --nproc_per_node 2` from test_ddp.py: pruning under DDP (gloo, CPU).
 
-``ddp_worker.py <out> [magnitude|movement]``. Each rank saves its final masks and weights (movement: also
-its scores just before training ends) to ``<out>/rank<r>.pt``. Ranks start from different random weights
+``ddp_worker.py <out> [magnitude|movement|movement-accum]``. Each rank saves its final masks and weights (movement:
+also its scores just before training ends, and how often the score gradients were averaged) to ``<out>/rank<r>.pt``.
+Movement runs with the Trainer's gradient clipping on (``max_grad_norm=1.0``); ``movement-accum`` also accumulates
+gradients over 2 micro-batches. Ranks start from different random weights
 on purpose: DDP broadcasts rank 0's parameters, and the pruning callback must then give every rank the
 same masks (movement: the same scores, although each rank trains on its own data shard).
 """
@@ -35,22 +37,33 @@ def main(out: str, method: str = "magnitude") -> None:
     rank = int(os.environ["RANK"])
     model = tiny_bert(seed=rank)
     schedule = PruningSchedule(final_sparsity=0.7, start_step=1, end_step=6, frequency=2)
-    if method == "movement":
+    accum = 2 if method == "movement-accum" else 1
+    averaged = [0]
+    if method.startswith("movement"):
         pruner = MovementPruningCallback(model, PruningConfig(method="movement", schedule=schedule),
                                          variant="hard", score_lr=0.1)
+        average = pruner.average_score_grads
+
+        def counted_average() -> None:
+            averaged[0] += 1
+            average()
+
+        pruner.average_score_grads = counted_average
         callbacks = [pruner, KeepScores(pruner)]
     else:
         pruner = MagnitudePruningCallback(model, PruningConfig(schedule=schedule))
         callbacks = [pruner]
     trainer = make_trainer(Path(out) / "trainer", model, callbacks, max_steps=8, ddp_backend="gloo",
-                           per_device_train_batch_size=4)
+                           per_device_train_batch_size=4 // accum, gradient_accumulation_steps=accum, max_grad_norm=1.0)
     trainer.train()
     torch.save(
         {
             "world_size": trainer.args.world_size,
             "masks": {n: layer.weight_mask.clone() for n, layer in pruner.layers.items()},
             "weights": {n: layer.weight.detach().clone() for n, layer in pruner.layers.items()},
-            "scores": callbacks[-1].scores if method == "movement" else {},
+            "scores": callbacks[-1].scores if method.startswith("movement") else {},
+            "averaged": averaged[0],
+            "optimizer_steps": trainer.state.global_step,
         },
         Path(out) / f"rank{rank}.pt",
     )

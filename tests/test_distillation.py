@@ -144,3 +144,86 @@ def test_recipe_with_movement_and_distillation_end_to_end(tmp_path, conll_dir):
     from safetensors.torch import load_file
 
     assert not any("mask" in k for k in load_file(out / "model" / "model.safetensors"))
+
+
+def _train_with_distillation(tmp_path, student, teacher, rows: list[dict]) -> list[float]:
+    """A few Trainer steps with KD; the KD term after each step."""
+    from transformers import Trainer, TrainingArguments, default_data_collator
+
+    cb = DistillationCallback(student, teacher, alpha=0.5, temperature=2.0)
+    kd_seen = []
+
+    class Spy(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            kd_seen.append(cb.last_kd_loss)
+
+    args = TrainingArguments(
+        output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=4, learning_rate=1e-3, report_to="none",
+        save_strategy="no", use_cpu=True, disable_tqdm=True, seed=0, dataloader_num_workers=0,
+    )
+    Trainer(model=student, args=args, train_dataset=rows, data_collator=default_data_collator,
+            callbacks=[cb, Spy()]).train()
+    return kd_seen
+
+
+def test_question_answering_distils_start_and_end_logits(tmp_path):
+    from helpers import tiny_bert_config
+    from transformers import BertForQuestionAnswering
+
+    cfg = tiny_bert_config(num_labels=2, id2label={0: "start", 1: "end"}, label2id={"start": 0, "end": 1},
+                           hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    torch.manual_seed(0)
+    student, teacher = BertForQuestionAnswering(cfg), BertForQuestionAnswering(cfg)
+    g = torch.Generator().manual_seed(0)
+    rows = [
+        {"input_ids": torch.randint(5, cfg.vocab_size, (12,), generator=g), "attention_mask": torch.ones(12, dtype=int),
+         "start_positions": torch.tensor(i % 6), "end_positions": torch.tensor(i % 6 + 3)}
+        for i in range(16)
+    ]
+    kd_seen = _train_with_distillation(tmp_path, student, teacher, rows)
+    assert len(kd_seen) == 3 and all(v is not None and 0 < v < float("inf") for v in kd_seen)
+    # the KD term is the mean of the start and end terms
+    batch = {k: torch.stack([r[k] for r in rows[:4]]) for k in rows[0]}
+    cb = DistillationCallback(student, teacher, alpha=1.0, temperature=2.0)
+    _begin(cb)
+    student.train()
+    loss = student(**batch).loss
+    student.eval()
+    with torch.no_grad():
+        s, t = student(input_ids=batch["input_ids"]), teacher(input_ids=batch["input_ids"])
+    expected = sum(distillation_loss(s[k], t[k], 2.0) for k in ("start_logits", "end_logits")) / 2
+    torch.testing.assert_close(loss, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_encoder_decoder_teacher_gets_decoder_inputs_from_the_labels(tmp_path):
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    cfg = T5Config(vocab_size=32, d_model=16, d_ff=32, d_kv=8, num_layers=1, num_heads=2, dropout_rate=0.0,
+                   decoder_start_token_id=0, pad_token_id=0)
+    torch.manual_seed(0)
+    student, teacher = T5ForConditionalGeneration(cfg), T5ForConditionalGeneration(cfg)
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for _ in range(16):
+        labels = torch.randint(1, 32, (6,), generator=g)
+        labels[4:] = -100  # padded target positions are left out of the KL
+        rows.append({"input_ids": torch.randint(1, 32, (8,), generator=g), "attention_mask": torch.ones(8, dtype=int),
+                     "labels": labels})
+    kd_seen = _train_with_distillation(tmp_path, student, teacher, rows)
+    assert len(kd_seen) == 3 and all(v is not None and 0 < v < float("inf") for v in kd_seen)
+
+
+def test_output_without_logits_is_an_error_naming_its_keys():
+    class NoLogits(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(3, 3)
+
+        def forward(self, x):
+            return {"loss": self.lin(x).sum(), "scores": self.lin(x)}
+
+    student, teacher = NoLogits(), NoLogits()
+    cb = DistillationCallback(student, teacher)
+    _begin(cb)
+    with pytest.raises(ValueError, match=r"'loss', 'scores'"):
+        student(x=torch.ones(2, 3))

@@ -180,3 +180,21 @@ def test_sparsegpt_score_in_callback_prunes_2_4_and_reconstructs(tmp_path):
         assert bool((w[~layer.weight_mask] == 0).all())
         kept = layer.weight_mask
         assert not torch.allclose(w[kept], before[name][kept]), f"no SparseGPT reconstruction in {name}"
+
+
+def test_sparsegpt_score_in_callback_is_exact_for_m_not_dividing_the_block(tmp_path):
+    """1:3 with inputs of 96 and 192 (the 192-input layers span two 128-column SparseGPT blocks)."""
+    from helpers import make_trainer
+
+    model = tiny_bert(hidden_size=96, intermediate_size=192, num_hidden_layers=1)
+    config = PruningConfig(
+        method="nm", schedule=PruningSchedule(kind="oneshot"), pattern="1:3",
+        options={"score": "sparsegpt", "calib_batches": 1, "calib_batch_size": 8},
+    )
+    pruner = NMSparsityCallback(model, config)
+    make_trainer(tmp_path, model, [pruner], max_steps=1, learning_rate=0.0).train()
+    assert any(layer.in_features > 128 for layer in pruner.layers.values())
+    for name, layer in pruner.layers.items():
+        kept = layer.weight_mask.reshape(layer.out_features, -1, 3).sum(-1)
+        assert bool((kept == 1).all()), name
+        assert bool((layer.weight.detach()[~layer.weight_mask] == 0).all()), name

@@ -185,3 +185,29 @@ def test_lr_rewind_restarts_the_learning_rate_at_each_pruning_step(tmp_path):
     # lrs[i] is the LR after optimizer step i+1 (scheduler stepped): sawtooth with teeth at 0, 4, 8, 12.
     expected = [1e-3 * RewindLambda([0, 4, 8, 12, 16])(t) for t in range(1, 17)]
     assert checker.lrs == pytest.approx(expected)
+
+
+def test_lr_rewind_resume_equals_the_uninterrupted_run(tmp_path):
+    """The rewind multiplier is in the saved scheduler state; resuming loads it with ``weights_only=True``."""
+    common = dict(max_steps=16, save_strategy="steps", save_steps=6, learning_rate=1e-3)
+    full_model = tiny_bert(seed=3)
+    full = _pruner(full_model, lr_rewind=True)
+    full_lrs = ZeroChecker(full)
+    make_trainer(tmp_path / "full", full_model, [full, full_lrs], **common).train()
+    saved = torch.load(tmp_path / "full" / "checkpoint-6" / "scheduler.pt", weights_only=True)
+    assert saved["lr_lambdas"] == [{"points": [0, 4, 8, 12, 16]}] * 2  # plain data only (decay, no-decay groups)
+
+    class StopAt6(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            control.should_training_stop = state.global_step == 6
+
+    part_model = tiny_bert(seed=3)
+    make_trainer(tmp_path / "part", part_model, [_pruner(part_model, lr_rewind=True), StopAt6()], **common).train()
+    resumed_model = tiny_bert(seed=99)
+    resumed = _pruner(resumed_model, lr_rewind=True)
+    resumed_lrs = ZeroChecker(resumed)
+    make_trainer(tmp_path / "part", resumed_model, [resumed, resumed_lrs], **common).train(resume_from_checkpoint=True)
+    assert resumed_lrs.lrs == pytest.approx(full_lrs.lrs[6:])
+    for name, layer in full.layers.items():
+        assert torch.equal(layer.weight_mask, resumed.layers[name].weight_mask), name
+        torch.testing.assert_close(layer.weight, resumed.layers[name].weight, atol=1e-5, rtol=1e-4)

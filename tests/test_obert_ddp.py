@@ -67,7 +67,7 @@ def ddp_results(tmp_path_factory):
 
 @pytest.mark.parametrize("form", FORMS)
 def test_two_ranks_agree_with_each_other_and_with_one_process(ddp_results, form):
-    r0, r1 = (torch.load(ddp_results / f"{form}_rank{r}.pt") for r in range(2))
+    r0, r1 = (torch.load(ddp_results / f"{form}_rank{r}.pt", weights_only=True) for r in range(2))
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     single = _prune(form)

@@ -169,3 +169,37 @@ def test_pruners_create_their_tensors_on_the_weights_device(name, nm):
     assert W_hat.device.type == keep.device.type == "cpu"
     torch.testing.assert_close(W_hat, expected[0])
     assert torch.equal(keep, expected[1])
+
+
+def reference_sparsegpt_nm(W: torch.Tensor, stats: LayerStats, n: int, m: int, percdamp: float = 0.01):
+    """SparseGPT N:M without lazy blocks (Frantar & Alistarh 2023, Alg. 1 with B = 1): at the first column of each
+    group of M, prune the M−N smallest ``w²/U_jj²`` of the row; then ``W[:, j:] −= e U[j, j:]`` for every column."""
+    from prune_trainer.oneshot.base import prepare_hessian
+
+    H, W = prepare_hessian(stats.hessian(), W, percdamp)
+    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    d = torch.diagonal(U)
+    keep = torch.ones_like(W, dtype=torch.bool)
+    for j in range(W.shape[1]):
+        if j % m == 0:
+            idx = torch.topk(W[:, j : j + m].square() / d[j : j + m].square(), m - n, dim=1, largest=False).indices
+            keep[:, j : j + m].scatter_(1, idx, False)
+        err = torch.where(keep[:, j], 0.0, W[:, j]) / d[j]
+        W[:, j:] -= err[:, None] * U[j, j:][None, :]
+    return W * keep, keep
+
+
+NM_ANY_M = [(n, m) for m in range(2, 9) for n in sorted({1, m // 2, (m + 1) // 2, m - 1})]
+
+
+@pytest.mark.parametrize("n,m", NM_ANY_M)
+def test_sparsegpt_nm_exact_when_m_does_not_divide_the_block(n, m):
+    """Groups of M must not straddle the 128-column lazy blocks (1:3 on 384 inputs, 2:6, 3:5 on 160, ...)."""
+    cols = 384 if 384 % m == 0 else 32 * m  # 160 for M = 5, 224 for M = 7: not multiples of the 128-column block
+    W, _, stats = random_layer(8, rows=6, cols=cols, tokens=512, dtype=torch.float32)
+    W_hat, keep = sparsegpt_prune(W, stats, 0.0, prunen=n, prunem=m)
+    assert (keep.reshape(6, cols // m, m).sum(-1) == n).all()
+    assert (W_hat[~keep] == 0).all()
+    W_ref, keep_ref = reference_sparsegpt_nm(W, stats, n, m)
+    assert torch.equal(keep, keep_ref)
+    torch.testing.assert_close(W_hat, W_ref, rtol=1e-4, atol=1e-4)

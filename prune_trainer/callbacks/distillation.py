@@ -2,15 +2,18 @@
 
 Loss (Hinton et al. 2015; as used by movement pruning, Sanh et al. 2020 §5, and oBERT):
 ``L = (1 - α) · L_task + α · T² · KL(softmax(z_t / T) ‖ softmax(z_s / T))``, the KL averaged over the
-positions that carry a label (token classification: ``labels != -100``), else over the attention
+positions that carry a label (token classification, seq2seq: ``labels != -100``), else over the attention
 mask, else over all positions. The ``T²`` keeps the soft-target gradients on the scale of the hard
-ones when ``T`` changes.
+ones when ``T`` changes. Every logits-like output is distilled (``logits``, or e.g. question answering's
+``start_logits`` and ``end_logits``, each a softmax over positions); the KD term is the mean of their terms.
 
 Mechanism: a forward hook on the student (registered first, ``prepend=True``) that, in training mode
 only, runs the teacher under ``torch.no_grad()`` on the same inputs and rewrites ``outputs.loss``
 (what the Trainer backpropagates). It mixes the model's own loss before any other hook adds its
 regulariser (e.g. soft movement pruning's penalty), so those are not scaled by ``1 - α``.
-Evaluation is untouched (the hook is inactive in eval mode).
+Evaluation is untouched (the hook is inactive in eval mode). The teacher gets the student's inputs without
+``labels``; an encoder-decoder (T5, BART) builds its decoder inputs from them, so it gets ``decoder_input_ids``
+from its ``prepare_decoder_input_ids_from_labels(labels)`` (or the ``labels`` themselves if it has no such method).
 """
 
 from __future__ import annotations
@@ -23,7 +26,10 @@ from torch import nn
 from transformers import TrainerCallback
 
 DISTILLATION_KEYS = {"teacher", "alpha", "temperature"}
-_NOT_FOR_TEACHER = ("labels", "num_items_in_batch", "return_dict", "output_hidden_states", "output_attentions")
+_NOT_FOR_TEACHER = (
+    "labels", "start_positions", "end_positions", "num_items_in_batch", "return_dict", "output_hidden_states",
+    "output_attentions",
+)
 
 
 def distillation_loss(
@@ -43,10 +49,37 @@ def distillation_loss(
     return kl.mean() * temperature**2
 
 
-def _logits(output: Any) -> torch.Tensor:
+def logits_outputs(output: Any) -> dict[str, torch.Tensor]:
+    """The logits-like tensors of a model output: ``logits`` and every ``*_logits`` key (a dict/`ModelOutput`),
+    or element 1 (after the loss) of a tuple. Error naming the output's keys when there is none."""
     if isinstance(output, dict):
-        return output["logits"]
-    return output[1] if isinstance(output, tuple) else output
+        found = {
+            k: v for k, v in output.items() if (k == "logits" or k.endswith("_logits")) and isinstance(v, torch.Tensor)
+        }
+        if not found:
+            raise ValueError(
+                f"distillation needs logits in the model output ('logits' or '*_logits'), got keys {list(output)}"
+            )
+        return found
+    if isinstance(output, tuple) and len(output) > 1 and isinstance(output[1], torch.Tensor):
+        return {"logits": output[1]}
+    raise ValueError(f"distillation needs a dict or (loss, logits, ...) model output, got {type(output).__name__}")
+
+
+def teacher_inputs(teacher: nn.Module, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The student's keyword inputs for the teacher: no labels or loss-only inputs, but an encoder-decoder that
+    would build its decoder inputs from ``labels`` gets ``decoder_input_ids`` from
+    ``teacher.prepare_decoder_input_ids_from_labels(labels)``, or the ``labels`` when it has no such method."""
+    inputs = {k: v for k, v in kwargs.items() if k not in _NOT_FOR_TEACHER}
+    labels = kwargs.get("labels")
+    encoder_decoder = bool(getattr(getattr(teacher, "config", None), "is_encoder_decoder", False))
+    if not encoder_decoder or labels is None or "decoder_input_ids" in inputs or "decoder_inputs_embeds" in inputs:
+        return inputs
+    if hasattr(teacher, "prepare_decoder_input_ids_from_labels"):
+        inputs["decoder_input_ids"] = teacher.prepare_decoder_input_ids_from_labels(labels=labels)
+    else:
+        inputs["labels"] = labels
+    return inputs
 
 
 class DistillationCallback(TrainerCallback):
@@ -91,14 +124,18 @@ class DistillationCallback(TrainerCallback):
     def _hook(self, module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> Any:
         if not module.training or self.alpha == 0.0:
             return None
-        loss = output["loss"] if isinstance(output, dict) else (output[0] if isinstance(output, tuple) else None)
+        loss = output.get("loss") if isinstance(output, dict) else (output[0] if isinstance(output, tuple) else None)
         if loss is None:
             return None
-        teacher_kwargs = {k: v for k, v in kwargs.items() if k not in _NOT_FOR_TEACHER}
+        student = logits_outputs(output)
         with torch.no_grad():
-            teacher_logits = _logits(self.teacher(*args, **teacher_kwargs))
-        student_logits = _logits(output)
-        kd = distillation_loss(student_logits, teacher_logits, self.temperature, self._select(kwargs, student_logits))
+            teacher = logits_outputs(self.teacher(*args, **teacher_inputs(self.teacher, kwargs)))
+        missing = sorted(set(student) - set(teacher))
+        if missing:
+            raise ValueError(f"the teacher's output lacks the student's {missing} (teacher has {sorted(teacher)})")
+        kd = torch.stack([
+            distillation_loss(s, teacher[k], self.temperature, self._select(kwargs, s)) for k, s in student.items()
+        ]).mean()
         self.last_kd_loss = float(kd.detach())
         new_loss = (1.0 - self.alpha) * loss + self.alpha * kd.to(loss.dtype)
         if isinstance(output, dict):

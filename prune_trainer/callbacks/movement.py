@@ -19,8 +19,9 @@ Math in `prune_trainer.methods.movement` (Sanh et al. 2020). What the callback a
   ``on_train_begin``, so the Trainer's own groups never contain them; ``on_train_begin`` then adds the
   group, and appends ``score_lr`` / group 0's multiplier to the Trainer's ``LambdaLR`` (``base_lrs``,
   ``lr_lambdas``), so the Trainer's warm-up and decay apply to the scores: ``lr_S(t) = score_lr · λ(t)``.
-  Under DDP the score gradients are averaged over ranks in ``on_pre_optimizer_step`` (DDP's reducer
-  does not know the scores), so every rank keeps identical scores.
+  Under DDP the score gradients are averaged over ranks at the end of the backward pass of the last
+  micro-batch of each optimizer step (DDP's reducer does not know the scores), before the Trainer clips the
+  gradient norm over all parameters, so every rank clips alike and keeps identical weights and scores.
   Resume: the optimizer's ``state_dict`` (what the Trainer saves) leaves the score group out, so
   ``optimizer.pt`` matches the layout the Trainer builds and loads before ``on_train_begin``; the
   score group's Adam state is saved next to it (``movement_optimizer.pt``) and restored here.
@@ -38,7 +39,7 @@ import torch
 from torch import nn
 from transformers import TrainerControl, TrainerState, TrainingArguments
 
-from prune_trainer.callbacks.base import MethodNeeds, PruningCallback, PruningContext, checkpoint_dir
+from prune_trainer.callbacks.base import MethodNeeds, PruningCallback, PruningContext, checkpoint_dir, is_distributed
 from prune_trainer.config import PruningConfig
 from prune_trainer.methods.movement import hard_movement_masks, sigmoid_l1_penalty, soft_movement_masks
 from prune_trainer.options import Options
@@ -83,6 +84,31 @@ def unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer:
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"expected a torch optimizer, got {type(optimizer).__name__}")
     return optimizer
+
+
+def register_score_grad_averaging(pruner: MovementPruningCallback) -> list[Any]:
+    """Under torch.distributed: hooks that run ``pruner.average_score_grads()`` once per optimizer step, at the end
+    of the backward pass of its last micro-batch (accelerate's ``sync_gradients``, set by the Trainer per
+    micro-batch), i.e. after gradient accumulation and before the Trainer's gradient clipping. Returns the handles.
+
+    A post-accumulate-grad hook on each score queues the averaging as an autograd-engine callback (as DDP's
+    reducer does) once per backward pass (keyed by its graph-task id), so it runs after every score gradient of
+    that backward pass has been accumulated.
+    """
+    if not is_distributed():
+        return []
+    from accelerate.state import GradientState
+
+    gradient_state = GradientState()
+    queued_for = [-1]  # graph task of the backward pass the averaging is queued for
+
+    def hook(_param: torch.Tensor) -> None:
+        task = torch._C._current_graph_task_id()
+        if gradient_state.sync_gradients and queued_for[0] != task:
+            queued_for[0] = task
+            torch.autograd.Variable._execution_engine.queue_callback(pruner.average_score_grads)
+
+    return [p.register_post_accumulate_grad_hook(hook) for p in pruner.score_params()]
 
 
 class MovementPruningCallback(PruningCallback):
@@ -157,11 +183,11 @@ class MovementPruningCallback(PruningCallback):
         The scores are frozen when the Trainer wraps the model in DDP, so DDP's reducer does not average their
         gradients; without this every rank's scores would follow only its own data shard.
         """
-        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        if not is_distributed():
             return
         world = torch.distributed.get_world_size()
         grads = [p.grad for p in self.score_params() if p.grad is not None]
-        if world <= 1 or not grads:
+        if not grads:
             return
         flat = torch.cat([g.reshape(-1) for g in grads])
         torch.distributed.all_reduce(flat)
@@ -311,11 +337,7 @@ class MovementPruningCallback(PruningCallback):
             self._load_score_optimizer(checkpoint_dir(args, state))
         if not self._hooks:
             self._hooks.append(self.model.register_forward_hook(self._loss_hook))
-
-    def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        # ∂L/∂W is already 0 for masked weights (W ⊙ M in the forward); the scores' gradients are averaged
-        # over ranks here because DDP does not see them (frozen when the Trainer wrapped the model).
-        self.average_score_grads()
+            self._hooks.extend(register_score_grad_averaging(self))
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs is not None and not any(k.startswith("eval_") for k in logs) and self.variant == "soft":

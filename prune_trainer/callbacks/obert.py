@@ -82,8 +82,13 @@ class RewindLambda:
     """LR multiplier for learning-rate rewinding: 1 at each pruning step, linear decay to 0 at the next.
 
     ``points`` are the pruning steps followed by ``max_steps``; before the first point the
-    wrapped ``base`` multiplier is used. A plain object (not a closure) so LambdaLR can save it.
+    wrapped ``base`` multiplier is used. ``LambdaLR.state_dict`` saves a callable object's ``__dict__``:
+    only ``points`` (ints) lives there, ``base`` (the Trainer's ``functools.partial``) sits in a slot, so the
+    saved scheduler state loads with ``torch.load(weights_only=True)``; on resume the Trainer loads it into
+    its own multipliers and ``install_lr_rewind`` (``on_train_begin``) then wraps them again.
     """
+
+    __slots__ = ("base", "__dict__")
 
     def __init__(self, points: list[int], base: Any = None) -> None:
         self.points = sorted(set(int(p) for p in points))

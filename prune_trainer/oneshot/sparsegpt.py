@@ -2,7 +2,10 @@
 ``H⁻¹`` across rows, using the upper Cholesky factor ``U`` of ``H⁻¹`` (``H⁻¹ = UᵀU``): pruning or
 keeping column ``j`` gives the error ``e = (w_j − q_j)/U_jj`` and updates the later columns by
 ``W[:, j:] −= e U[j, j:]``; updates are applied lazily per block of ``blocksize`` columns, and the mask
-is chosen adaptively every ``mask_block`` columns from ``w²/U_jj²`` (flattened over the rows)."""
+is chosen adaptively every ``mask_block`` columns from ``w²/U_jj²`` (flattened over the rows). In N:M mode
+the mask of each group of M columns is chosen when its first column is reached, so the blocks are rounded up
+to a multiple of M: no group straddles two blocks (the lazy updates of a block reach the next one only at its
+end)."""
 
 from __future__ import annotations
 
@@ -37,6 +40,8 @@ def sparsegpt_prune(
     check_pattern_args(sparsity, prunen, prunem, cols)
     if blocksize <= 0 or mask_block <= 0:
         raise ValueError(f"blocksize and mask_block must be positive, got {blocksize} and {mask_block}")
+    if prunen:
+        blocksize = -(-blocksize // prunem) * prunem  # groups of M never straddle two blocks
     H, W = prepare_hessian(stats.hessian(), weight, percdamp)
     Hinv = torch.cholesky_inverse(torch.linalg.cholesky(H))
     U = torch.linalg.cholesky(Hinv, upper=True)
