@@ -61,6 +61,17 @@ def atomic_write_json(path: str | os.PathLike, data: Any, indent: int = 2) -> Pa
     return atomic_write_text(path, json.dumps(data, indent=indent, default=str))
 
 
+def _pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists (signal 0 probes without signalling)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """Yield an empty ``<path>.tmp-<pid>`` sibling to fill; on success it replaces ``path``, on error it is removed.
@@ -72,8 +83,11 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     old = path.with_name(f"{path.name}.old-{os.getpid()}")
-    for leftover in (tmp, old):
-        shutil.rmtree(leftover, ignore_errors=True)
+    for pattern in (f"{path.name}.tmp-*", f"{path.name}.old-*"):  # left by this pid or by a killed process
+        for leftover in path.parent.glob(pattern):
+            pid = leftover.name.rsplit("-", 1)[1]
+            if not pid.isdigit() or int(pid) == os.getpid() or not _pid_alive(int(pid)):
+                shutil.rmtree(leftover, ignore_errors=True)
     tmp.mkdir()
     try:
         yield tmp
@@ -89,16 +103,6 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
         raise
     shutil.rmtree(old, ignore_errors=True)
     _fsync_dir(path.parent)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    return True
 
 
 def _lock_holder(path: Path, wait_s: float = 1.0) -> tuple[int | None, str]:

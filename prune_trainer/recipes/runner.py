@@ -172,6 +172,19 @@ def _drop_incomplete_checkpoints(ckpt_dir: Path, pruned: bool) -> None:
         shutil.rmtree(path)
 
 
+def _restore_finished_training(trainer: Any, ckpt: Path) -> None:
+    """Load a checkpoint taken at the run's last step without training: `Trainer.train` resumed there would take
+    one more optimizer step. Weights, Trainer state and the callbacks' state (``on_train_begin``) are restored,
+    then ``on_train_end`` runs as at the end of training (a schedule ending at the last step applies its mask)."""
+    from transformers import TrainerState
+
+    trainer._load_from_checkpoint(str(ckpt))  # what `train(resume_from_checkpoint=...)` loads the weights with
+    trainer.state = TrainerState.load_from_json(str(ckpt / "trainer_state.json"))
+    handler = trainer.callback_handler
+    trainer.control = handler.on_train_begin(trainer.args, trainer.state, trainer.control)
+    trainer.control = handler.on_train_end(trainer.args, trainer.state, trainer.control)
+
+
 def run_recipe(
     recipe: Recipe | dict[str, Any], results_root: str | os.PathLike = "results", overwrite: bool = False
 ) -> dict[str, Any]:
@@ -262,9 +275,13 @@ def run_recipe(
             callbacks=[*callbacks, run_state],
         )
         run_state.attach(trainer)
-        train_out = trainer.train(resume_from_checkpoint=str(resume_path) if resume_path is not None else None)
-        part_steps = trainer.state.global_step - (resumed_from or 0)
-        totals = run_state.totals(train_out.training_loss * part_steps)
+        if resumed_from is not None and resumed_from >= max_steps:
+            _restore_finished_training(trainer, resume_path)
+            part_loss_sum = 0.0
+        else:
+            train_out = trainer.train(resume_from_checkpoint=str(resume_path) if resume_path is not None else None)
+            part_loss_sum = train_out.training_loss * (trainer.state.global_step - (resumed_from or 0))
+        totals = run_state.totals(part_loss_sum)
 
         metrics: dict[str, Any] = {"name": name}
         for split, (ds, groups) in eval_sets.items():
