@@ -59,7 +59,7 @@ def _fake_model(results, name):
 def _fake_checkpoint(path):
     """A checkpoint folder with the files a complete one has (`checkpoint_problem`)."""
     path.mkdir(parents=True)
-    for name in ("trainer_state.json", "run_state.json", "pruning_state.json"):
+    for name in ("trainer_state.json", "pruning_state.json"):
         (path / name).write_text("{}")
     (path / "model.safetensors").write_text("")
 

@@ -106,6 +106,8 @@ def test_newest_complete_checkpoint_is_picked_and_incomplete_ones_are_named(tmp_
     _write_ckpt(tmp_path / "checkpoint-9", full)
     assert last_checkpoint_step(tmp_path, pruned=True, log=None) == 8  # 9 lacks pruning_state.json
     assert last_checkpoint_step(tmp_path / "absent") is None
+    _write_ckpt(tmp_path / "old" / "checkpoint-3", {"trainer_state.json": "{}", "model.safetensors": ""})
+    assert last_checkpoint_step(tmp_path / "old") == 3  # an older version's checkpoint (no run_state.json)
 
 
 def test_kill_during_checkpoint_save_then_rerun_finishes_with_whole_run_totals(

@@ -47,10 +47,10 @@ def run_is_complete(out_dir: str | os.PathLike) -> bool:
 
 
 def checkpoint_problem(ckpt: Path, pruned: bool = False) -> str | None:
-    """Why checkpoint folder ``ckpt`` cannot be resumed from (None when complete): ``trainer_state.json`` and the
-    runner's ``run_state.json`` parse, model weights are present, and ``pruning_state.json`` parses when
-    ``pruned``."""
-    needed = [TRAINER_STATE_FILE, RUN_STATE_FILE] + ([PRUNING_STATE_FILE] if pruned else [])
+    """Why checkpoint folder ``ckpt`` cannot be resumed from (None when complete): ``trainer_state.json`` parses,
+    model weights are present, and ``pruning_state.json`` parses when ``pruned``. (The runner's
+    ``run_state.json`` is not required: checkpoints of older versions lack it and stay resumable.)"""
+    needed = [TRAINER_STATE_FILE] + ([PRUNING_STATE_FILE] if pruned else [])
     for name in needed:
         if _read_json(ckpt / name) is None:
             return f"{name} missing or unreadable"
@@ -131,8 +131,16 @@ class RunStateCallback(TrainerCallback):
         self.trainer: Any = None
 
     @classmethod
-    def from_checkpoint(cls, ckpt: Path | None, start: float | None = None) -> RunStateCallback:
-        return cls(_read_json(ckpt / RUN_STATE_FILE) if ckpt is not None else None, start)
+    def from_checkpoint(
+        cls, ckpt: Path | None, start: float | None = None, log: Callable[[str], None] = print
+    ) -> RunStateCallback:
+        """Carry the totals of checkpoint ``ckpt`` (None: a fresh run)."""
+        carried = _read_json(ckpt / RUN_STATE_FILE) if ckpt is not None else None
+        if ckpt is not None and not isinstance(carried, dict):
+            log(f"note: {ckpt} has no {RUN_STATE_FILE} (an older version wrote it): train_loss and wall_time_s "
+                "cover only the steps after it")
+            carried = None
+        return cls(carried, start)
 
     def attach(self, trainer: Any) -> RunStateCallback:
         self.trainer = trainer
