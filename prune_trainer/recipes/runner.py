@@ -157,12 +157,14 @@ def _check_model_config(model_src: str, max_length: int) -> None:
 
 
 def _start_run_dir(out_dir: Path, resolved: dict[str, Any], overwrite: bool) -> None:
-    """With the lock held: ``overwrite`` empties the folder (but the lock); then the run identity is checked."""
+    """With the lock held: ``overwrite`` empties the folder (but the lock); the run identity is checked; an old
+    ``metrics.json`` is removed (the run is done again only when this run writes it)."""
     if overwrite:
         for child in out_dir.iterdir():
             if child.name != ".lock":
                 shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
     check_run_identity(out_dir, resolved)
+    (out_dir / METRICS_FILE).unlink(missing_ok=True)
 
 
 def _drop_incomplete_checkpoints(ckpt_dir: Path, pruned: bool) -> None:
@@ -259,7 +261,7 @@ def run_recipe(
     with exclusive_lock(out_dir / ".lock") if main_process else contextlib.nullcontext():
         if main_process:
             _start_run_dir(out_dir, resolved, overwrite)
-        _drop_incomplete_checkpoints(ckpt_dir, pruned=pruner is not None)
+            _drop_incomplete_checkpoints(ckpt_dir, pruned=pruner is not None)
         resumed_from = last_checkpoint_step(ckpt_dir, pruned=pruner is not None)
         resume_path = ckpt_dir / f"checkpoint-{resumed_from}" if resumed_from is not None else None
         run_state = RunStateCallback.from_checkpoint(resume_path, start)
