@@ -98,7 +98,6 @@ def test_unknown_recipe_key_is_an_error(tmp_path):
         ("name: x\ntraining:\n  seed: 1\n   bad: 2\n", r"bad\.yaml:4:\d+: YAML syntax error"),
         ("name: x\ntraining: 5\n", "'training' must be a mapping of TrainingArguments fields, got int 5"),
         ("name: x\ndata: [1]\n", "'data' must be a mapping, got list"),
-        ("- a\n- b\n", "must be a mapping, got list"),
     ],
 )
 def test_malformed_recipe_is_a_clear_error_naming_the_file(tmp_path, capsys, text, message):
