@@ -22,7 +22,8 @@ POLICIES = ("error", "skip")
 
 class FiniteCheckCallback(TrainerCallback):
     """``on_nonfinite="error"``: raise `FloatingPointError` naming the optimizer step; ``"skip"``: zero that step's
-    gradients and warn (the run continues with the weights unchanged by the bad batch's gradients)."""
+    gradients and warn (the optimizer still steps, with zero gradients: momentum and weight decay apply, the bad
+    batch contributes nothing). Skipped steps are listed in ``skipped_steps``."""
 
     def __init__(self, on_nonfinite: str = "error") -> None:
         if on_nonfinite not in POLICIES:
