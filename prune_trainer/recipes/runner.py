@@ -257,6 +257,7 @@ def run_recipe(
     callbacks.append(FiniteCheckCallback(recipe.on_nonfinite))
 
     resolved = {**recipe.to_dict(), "model_path": model_src, "training": training, "max_steps": max_steps}
+    resolved.pop("description")  # the run's identity: everything that changes what it computes
     main_process = int(os.environ.get("RANK", "0")) == 0  # under torchrun, rank 0 owns the folder
     with exclusive_lock(out_dir / ".lock") if main_process else contextlib.nullcontext():
         if main_process:
