@@ -10,19 +10,11 @@ import sys
 def _run(args: argparse.Namespace) -> int:
     from prune_trainer.recipes.runner import load_recipe, run_recipe
 
-    overrides = list(args.set or [])
-    if args.data_dir:
-        overrides.append(f"data.data_dir={args.data_dir}")
-    if args.model:
-        overrides.append(f"model={args.model}")
-    if args.max_steps is not None:
-        overrides.append(f"training.max_steps={args.max_steps}")
-    if args.name:
-        overrides.append(f"name={args.name}")
-    if args.output_dir:
-        overrides.append(f"output_dir={args.output_dir}")
-    recipe = load_recipe(args.recipe, overrides)
-    metrics = run_recipe(recipe, results_root=args.results_dir)
+    recipe = load_recipe(
+        args.recipe, args.set, model=args.model, name=args.name, output_dir=args.output_dir, data_dir=args.data_dir,
+        max_steps=args.max_steps,
+    )
+    metrics = run_recipe(recipe, results_root=args.results_dir, overwrite=args.overwrite)
     line = f"{metrics['name']}: eval_f1={metrics['eval_f1']:.4f}"
     if "test_f1" in metrics:
         line += f" test_f1={metrics['test_f1']:.4f}"
@@ -44,6 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--name", help="run name (default: the recipe's)")
     run.add_argument("--output-dir", help="where results go (default: <results-dir>/<name>)")
     run.add_argument("--results-dir", default="results", help="root of results (default: results)")
+    run.add_argument("--overwrite", action="store_true",
+                     help="delete an existing output folder and start over (default: resume it, same recipe only)")
     run.set_defaults(func=_run)
     _add_oneshot_parser(sub)
 
@@ -90,6 +84,7 @@ def _report(args: argparse.Namespace) -> int:
 
 def _oneshot(args: argparse.Namespace) -> int:
     import json
+    from pathlib import Path
 
     import torch
 
@@ -97,12 +92,13 @@ def _oneshot(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    model_tag = "embedded" if args.model == "embedded" else Path(args.model.rstrip("/\\")).name
     cfg = OneShotConfig(
         model=args.model, method=args.method, sparsity=args.sparsity, pattern=args.pattern, owl=args.owl,
         owl_m=args.owl_m, owl_lambda=args.owl_lambda, calib_samples=args.calib_samples, seed=args.seed,
         pruned_inputs=not args.dense_inputs, data_dir=args.data_dir, evaluate=not args.no_eval, device=args.device,
-        output_dir=args.output_dir or f"results/oneshot/{args.method}_{args.pattern.replace(':', 'of')}"
-        f"_{args.sparsity}{'_owl' if args.owl else ''}_n{args.calib_samples}",
+        output_dir=args.output_dir or f"results/oneshot/{model_tag}_{args.method}_{args.pattern.replace(':', 'of')}"
+        f"_{args.sparsity}{'_owl' if args.owl else ''}_n{args.calib_samples}_seed{args.seed}",
     )
     res = run_oneshot(cfg)
     summary = {k: res.get(k) for k in ("eval_f1", "sparsity", "prune_time_s", "solve_time_s")}
@@ -131,11 +127,18 @@ def _add_oneshot_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run a subcommand; user errors (bad recipe, data, model; a busy output folder; a diverged run) are printed
+    as ``prune-trainer: error: ...`` with exit status 2, without a traceback."""
+    import yaml
+
+    from prune_trainer.io import RunInProgressError
+
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, ImportError, ConnectionError) as err:
+    except (ValueError, TypeError, FileNotFoundError, ImportError, ConnectionError, yaml.YAMLError,
+            FloatingPointError, RunInProgressError) as err:
         print(f"prune-trainer: error: {err}", file=sys.stderr)
         return 2
 

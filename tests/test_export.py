@@ -36,3 +36,30 @@ def test_export_round_trip_gives_same_predictions(tmp_path):
     # The report is measured on the weights: recount from the reloaded model.
     zeros = sum(int((reloaded.get_submodule(n).weight == 0).sum()) for n in on_disk["per_layer"])
     assert zeros == on_disk["num_zeros"]
+
+
+def test_export_is_atomic_and_complete_dirs_are_recognised(tmp_path, monkeypatch):
+    from prune_trainer.export import is_complete_model_dir
+
+    tok = tiny_tokenizer()
+    path = tmp_path / "model"
+    export_pruned_model(tiny_bert(), path, tok, method="dense")
+    assert is_complete_model_dir(path)
+    before = sorted(p.name for p in path.iterdir())
+
+    def killed(self, *args, **kwargs):
+        raise KeyboardInterrupt  # the export dies after the weights, before the tokenizer and sparsity.json
+
+    monkeypatch.setattr(type(tok), "save_pretrained", killed)
+    try:
+        export_pruned_model(tiny_bert(seed=1), path, tok, method="again")
+    except KeyboardInterrupt:
+        pass
+    assert sorted(p.name for p in path.iterdir()) == before  # the old complete export is kept
+    assert json.loads((path / "sparsity.json").read_text())["method"] == "dense"
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]  # no half-written sibling left
+    for name in ("sparsity.json", "model.safetensors", "tokenizer.json"):
+        (path / name).rename(tmp_path / name)
+        assert not is_complete_model_dir(path), name
+        (tmp_path / name).rename(path / name)
+    assert is_complete_model_dir(path)

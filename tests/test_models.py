@@ -64,3 +64,53 @@ def test_missing_distillation_teacher_is_named():
 
     with pytest.raises(FileNotFoundError, match="distillation.teacher: model '/nonexistent/teacher': no such"):
         make_distillation_callback(tiny_bert(), {"teacher": "/nonexistent/teacher"}, None)
+
+
+def test_directory_without_weights_is_a_clear_error(tmp_path):
+    """An interrupted export (config.json written, weights not) is not a model."""
+    from helpers import tiny_bert_config
+
+    path = tmp_path / "half"
+    path.mkdir()
+    tiny_bert_config().to_json_file(path / "config.json")
+    with pytest.raises(FileNotFoundError, match="holds no model weights"):
+        resolve_model_path(path)
+
+
+def test_classifier_label_count_and_token_head_checks():
+    from helpers import tiny_bert_config
+    from transformers import BertConfig
+
+    from prune_trainer.models import check_model_labels
+
+    check_model_labels(tiny_bert_config(architectures=["BertForTokenClassification"]), "m", require_token_head=True)
+    check_model_labels(BertConfig(architectures=["BertModel"]), "base")  # a new head is fine for training
+    with pytest.raises(ValueError, match="'s2' has a classifier with 2 labels .*CoNLL-2003 needs 9"):
+        check_model_labels(BertConfig(architectures=["BertForSequenceClassification"]), "s2")
+    with pytest.raises(ValueError, match="'base' is not a token-classification checkpoint"):
+        check_model_labels(BertConfig(architectures=["BertModel"]), "base", require_token_head=True)
+
+
+def test_oneshot_on_a_base_checkpoint_is_a_clear_error(tmp_path, conll_dir, capsys):
+    from helpers import tiny_bert_config
+    from transformers import BertModel
+
+    base = tmp_path / "base"
+    BertModel(tiny_bert_config()).save_pretrained(base)
+    tiny_tokenizer().save_pretrained(base)
+    rc = main(["oneshot", "--model", str(base), "--data-dir", str(conll_dir), "--output-dir", str(tmp_path / "o")])
+    assert rc == 2
+    assert "is not a token-classification checkpoint (architectures: ['BertModel'])" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_oneshot_default_output_folder_names_model_and_seed(tmp_path, tiny_model_dir, conll_dir, monkeypatch, capsys):
+    import json
+
+    monkeypatch.chdir(tmp_path)
+    rc = main(["oneshot", "--model", str(tiny_model_dir) + "/", "--method", "magnitude", "--calib-samples", "4",
+               "--seed", "3", "--no-eval", "--data-dir", str(conll_dir)])
+    assert rc == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["output_dir"]
+    assert out == "results/oneshot/tiny-model_magnitude_unstructured_0.5_n4_seed3"
+    assert (tmp_path / out / "results.json").is_file() and (tmp_path / out / "model" / "sparsity.json").is_file()

@@ -59,6 +59,18 @@ def test_cli_run_writes_results(tmp_path, tiny_model_dir, conll_dir, capsys):
         (["--data-dir", "/nonexistent/conll"], "'/nonexistent/conll' does not exist"),
         (["--model", "/nonexistent/model"], "model '/nonexistent/model': no such directory"),
         (["--set", "init_from=/nonexistent/dense/model"], "`prune-trainer run recipes/dense.yaml`"),
+        (["--set", "training.learnin_rate=0.1"], "unknown key 'learnin_rate'; did you mean 'learning_rate'"),
+        (["--set", "training.learning_rate=abc"], "training.learning_rate = 'abc' is not a valid float"),
+        (["--set", "training.per_device_train_batch_size=0"], "per_device_train_batch_size must be at least 1"),
+        (["--set", "training.eval_strategy=sometimes"], "training: sometimes is not a valid IntervalStrategy"),
+        (["--set", "pruning.schedule.start_step=10", "--set", "pruning.schedule.end_step=5"],
+         "end_step 5 is before start_step 10"),
+        (["--set", "pruning.schedule.end_step=50"], "end_step=50 is past the run's last step (max_steps=12"),
+        (["--set", "training.load_best_model_at_end=true", "--set", "training.eval_strategy=steps",
+          "--set", "training.eval_steps=6"], "load_best_model_at_end cannot be used with pruning"),
+        (["--set", "data.max_length=100"], "max_length=100 is above the model's max_position_embeddings=64"),
+        (["--set", "data.max_lenght=16"], "unknown key 'max_lenght'; did you mean 'max_length'"),
+        (["--set", "on_nonfinite=ignore"], "on_nonfinite must be one of"),
     ],
 )
 def test_bad_input_is_a_clear_error_and_writes_nothing(tmp_path, tiny_model_dir, conll_dir, capsys, args, message):
@@ -75,8 +87,73 @@ def test_bad_input_is_a_clear_error_and_writes_nothing(tmp_path, tiny_model_dir,
 def test_unknown_recipe_key_is_an_error(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("name: x\ntrainig: {}\n")
-    with pytest.raises(ValueError, match="unknown key"):
+    with pytest.raises(ValueError, match="unknown key 'trainig'; did you mean 'training'.*allowed: data, "):
         load_recipe(path)
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("name: x\ntraining: {learning_rate: 1e-4\n", r"bad\.yaml:3:1: YAML syntax error"),
+        ("name: x\ntraining:\n  seed: 1\n   bad: 2\n", r"bad\.yaml:4:\d+: YAML syntax error"),
+        ("name: x\ntraining: 5\n", "'training' must be a mapping of TrainingArguments fields, got int 5"),
+        ("name: x\ndata: [1]\n", "'data' must be a mapping, got list"),
+    ],
+)
+def test_malformed_recipe_is_a_clear_error_naming_the_file(tmp_path, capsys, text, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=message):
+        load_recipe(path)
+    assert main(["run", str(path), "--results-dir", str(tmp_path / "results")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("prune-trainer: error: ") and "Traceback" not in err
+    assert not (tmp_path / "results").exists()
+
+
+def test_bad_model_checkpoints_are_clear_errors_before_anything_is_written(tmp_path, conll_dir, capsys):
+    from helpers import tiny_bert
+
+    five = tmp_path / "five-labels"
+    tiny_bert(num_labels=5, id2label={i: str(i) for i in range(5)}, label2id={str(i): i for i in range(5)}
+              ).save_pretrained(five)
+    tiny_tokenizer().save_pretrained(five)
+    no_weights = tmp_path / "no-weights"
+    no_weights.mkdir()
+    (no_weights / "config.json").write_text(json.dumps(tiny_bert_config().to_dict()))
+    path = _recipe(tmp_path)
+    for model, message in ((five, "has a classifier with 5 labels (BertForTokenClassification); CoNLL-2003 needs 9"),
+                           (no_weights, "holds no model weights")):
+        rc = main(["run", str(path), "--model", str(model), "--data-dir", str(conll_dir),
+                   "--results-dir", str(tmp_path / "results")])
+        assert rc == 2
+        assert message in capsys.readouterr().err
+        assert not (tmp_path / "results").exists()
+
+
+def test_empty_train_split_is_a_clear_error(tmp_path, tiny_model_dir, conll_dir, capsys):
+    (conll_dir / "train.txt").write_text("-DOCSTART- -X- -X- O\n\n")
+    rc = main(["run", str(_recipe(tmp_path)), "--model", str(tiny_model_dir), "--data-dir", str(conll_dir),
+               "--results-dir", str(tmp_path / "results")])
+    assert rc == 2
+    assert f"{conll_dir / 'train.txt'}: the train split holds no sentence" in capsys.readouterr().err
+    assert not (tmp_path / "results").exists()
+
+
+def test_epoch_based_length_is_computed_as_the_trainer_does_and_flags_are_taken_literally(
+    tmp_path, tiny_model_dir, conll_dir, capsys
+):
+    """64 sentences, batch 8, accumulation 3, 2 epochs: ⌈8 / 3⌉ = 3 updates per epoch, 6 steps; end_step 7 is past
+    the end. ``--name yes`` is the string 'yes' (a YAML override would read it as True)."""
+    path = _recipe(tmp_path)
+    argv = ["run", str(path), "--model", str(tiny_model_dir), "--data-dir", str(conll_dir), "--name", "yes",
+            "--results-dir", str(tmp_path / "results"), "--set", "training.max_steps=-1",
+            "--set", "training.num_train_epochs=2", "--set", "training.gradient_accumulation_steps=3"]
+    assert main(argv + ["--set", "pruning.schedule.end_step=7"]) == 2
+    assert "end_step=7 is past the run's last step (max_steps=6, from 64 sentences" in capsys.readouterr().err
+    assert main(argv + ["--set", "pruning.schedule.end_step=6"]) == 0
+    metrics = json.loads((tmp_path / "results" / "yes" / "metrics.json").read_text())
+    assert metrics["name"] == "yes" and metrics["train_steps"] == 6
 
 
 def test_factorize_embeddings_trains_low_rank_and_exports_a_plain_bert(tmp_path, tiny_model_dir, conll_dir):

@@ -52,6 +52,16 @@ def _fake_model(results, name):
     (results / name / "model").mkdir(parents=True, exist_ok=True)
     (results / name / "model" / "config.json").write_text("{}")
     (results / name / "model" / "model.safetensors").write_text("")
+    (results / name / "model" / "vocab.txt").write_text("")
+    (results / name / "model" / "sparsity.json").write_text("{}")
+
+
+def _fake_checkpoint(path):
+    """A checkpoint folder with the files a complete one has (`checkpoint_problem`)."""
+    path.mkdir(parents=True)
+    for name in ("trainer_state.json", "pruning_state.json"):
+        (path / name).write_text("{}")
+    (path / "model.safetensors").write_text("")
 
 
 def _snapshot(root):
@@ -62,7 +72,7 @@ def test_dry_run_order_statuses_and_commands(tmp_path, tiny_model_dir, capsys):
     plan = _write_plan(tmp_path, tiny_model_dir, FULL_STEPS)
     results = tmp_path / "results"
     _metrics(results, "tiny_dense")  # metrics but no weights (a fresh clone): dense must train again
-    (results / "tiny_pruned" / "checkpoints" / "checkpoint-2").mkdir(parents=True)  # interrupted mid-way
+    _fake_checkpoint(results / "tiny_pruned" / "checkpoints" / "checkpoint-2")  # interrupted mid-way
     (results / "oneshot_results_b.json").write_text(json.dumps(
         {"dense": {}, setting_key("wanda", "0.5", False, 16): {"prune_time_s": 1.0}}))
     data = write_conll_dir(tmp_path / "conll", n_train=4, n_valid=2)  # no test.txt

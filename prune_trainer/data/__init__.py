@@ -14,8 +14,9 @@ from prune_trainer.data.metrics import (
     entity_scores,
     make_compute_metrics,
     preprocess_logits_for_metrics,
+    stitch_windows,
 )
-from prune_trainer.data.tokenize import IGNORE_INDEX, tokenize_and_align
+from prune_trainer.data.tokenize import IGNORE_INDEX, tokenize_and_align, window_sentences
 
 __all__ = [
     "CONLL_LABELS",
@@ -30,5 +31,7 @@ __all__ = [
     "preprocess_logits_for_metrics",
     "read_conll_file",
     "resolve_data_dir",
+    "stitch_windows",
     "tokenize_and_align",
+    "window_sentences",
 ]

@@ -6,6 +6,7 @@ File format (one token per line): ``WORD POS CHUNK NER``; sentences are separate
 
 from __future__ import annotations
 
+import io
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,15 +35,23 @@ def read_conll_file(path: str | os.PathLike, labels: tuple[str, ...] = CONLL_LAB
     """Read one CoNLL-2003 file into sentences.
 
     Raises:
-        ConllFormatError: a line without 4 space-separated columns or with an unknown NER tag,
-            naming ``path:line``.
+        ConllFormatError: a line without 4 space-separated columns, with an unknown NER tag or with bytes that
+            are not UTF-8, naming ``path:line``.
     """
     path = Path(path)
     known = set(labels)
     sentences: list[Sentence] = []
     tokens: list[str] = []
     tags: list[str] = []
-    with path.open(encoding="utf-8") as f:
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        lineno = data.count(b"\n", 0, err.start) + 1
+        raise ConllFormatError(
+            f"{path}:{lineno}: not UTF-8 (byte {data[err.start]:#04x} at offset {err.start}: {err.reason})"
+        ) from None
+    with io.StringIO(text, newline=None) as f:  # universal newlines, as open() reads text
         for lineno, raw in enumerate(f, start=1):
             line = raw.strip()
             if not line or line.startswith("-DOCSTART-"):
@@ -85,15 +94,20 @@ def load_conll_splits(
     """Load ``train``, ``validation`` and (if present) ``test`` as lists of sentences.
 
     Source: ``data_dir`` / ``$PRUNE_TRAINER_CONLL_DIR`` if set, else the hub dataset ``hub_dataset``.
+    Raises ``ConllFormatError`` naming the file when a split holds no sentence (empty, or only ``-DOCSTART-``).
     """
     path = resolve_data_dir(data_dir)
-    if path is not None:
-        return {
-            split: read_conll_file(path / fname)
-            for split, fname in SPLIT_FILES.items()
-            if (path / fname).is_file()
-        }
-    return _load_hub_splits(hub_dataset)
+    if path is None:
+        return _load_hub_splits(hub_dataset)
+    splits = {}
+    for split, fname in SPLIT_FILES.items():
+        if (path / fname).is_file():
+            splits[split] = read_conll_file(path / fname)
+            if not splits[split]:
+                raise ConllFormatError(
+                    f"{path / fname}: the {split} split holds no sentence (empty or only -DOCSTART-)"
+                )
+    return splits
 
 
 def _load_hub_splits(name: str) -> dict[str, list[Sentence]]:

@@ -39,14 +39,34 @@ def align_predictions(
     return true_tags, pred_tags
 
 
-def make_compute_metrics(labels: tuple[str, ...] = CONLL_LABELS) -> Callable:
-    """A `Trainer` ``compute_metrics`` giving ``precision``, ``recall``, ``f1``, ``accuracy``."""
+def stitch_windows(tags: list[list[str]], groups: list[int] | None) -> list[list[str]]:
+    """Concatenate the tag lists of consecutive windows of one sentence (``groups[i]``: sentence of window i, as
+    `window_sentences` returns); ``groups=None`` leaves ``tags`` as they are."""
+    if groups is None:
+        return tags
+    if len(groups) != len(tags):
+        raise ValueError(f"{len(tags)} evaluated examples but {len(groups)} window groups: not the same data set")
+    out: list[list[str]] = []
+    previous = None
+    for group, row in zip(groups, tags):
+        if group == previous:
+            out[-1] = out[-1] + row
+        else:
+            out.append(list(row))
+        previous = group
+    return out
+
+
+def make_compute_metrics(labels: tuple[str, ...] = CONLL_LABELS, groups: list[int] | None = None) -> Callable:
+    """A `Trainer` ``compute_metrics`` giving ``precision``, ``recall``, ``f1``, ``accuracy``; with ``groups``
+    (from `window_sentences`), windows are stitched back into their sentences before scoring."""
 
     def compute_metrics(eval_pred) -> dict[str, float]:
         predictions, label_ids = eval_pred.predictions, eval_pred.label_ids
         if isinstance(predictions, tuple):
             predictions = predictions[0]
-        return entity_scores(*align_predictions(np.asarray(predictions), np.asarray(label_ids), labels))
+        true_tags, pred_tags = align_predictions(np.asarray(predictions), np.asarray(label_ids), labels)
+        return entity_scores(stitch_windows(true_tags, groups), stitch_windows(pred_tags, groups))
 
     return compute_metrics
 

@@ -9,10 +9,36 @@ from typing import Any
 
 from torch import nn
 
+from prune_trainer.io import atomic_dir
 from prune_trainer.masking.inject import masked_layers, unwrap_masked_layers
 from prune_trainer.masking.sparsity import weight_sparsity_report
 
 SPARSITY_FILE = "sparsity.json"
+WEIGHT_FILES = (
+    "model.safetensors", "pytorch_model.bin", "model.safetensors.index.json", "pytorch_model.bin.index.json",
+)
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer.model", "vocab.json", "spiece.model")
+
+
+def has_model_weights(path: str | os.PathLike) -> bool:
+    """True when ``path`` holds a `save_pretrained` weights file (safetensors or bin, single or sharded)."""
+    return any((Path(path) / name).is_file() for name in WEIGHT_FILES)
+
+
+def is_complete_model_dir(path: str | os.PathLike, exported: bool = True) -> bool:
+    """A model folder that loads: ``config.json`` + weights + tokenizer files, and (``exported``: written by
+    `export_pruned_model`) a ``sparsity.json`` that parses."""
+    path = Path(path)
+    if not ((path / "config.json").is_file() and has_model_weights(path)):
+        return False
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        return False
+    if exported:
+        try:
+            json.loads((path / SPARSITY_FILE).read_text())
+        except (OSError, ValueError):
+            return False
+    return True
 
 
 def sparsity_report(
@@ -46,7 +72,9 @@ def export_pruned_model(
     """Unwrap ``model`` in place (``MaskedLinear`` → ``nn.Linear`` with ``W ⊙ M``), `save_pretrained`
     it (and the tokenizer) to ``path``, and write ``sparsity.json``; return that report.
 
-    The directory reloads with ``AutoModelForTokenClassification.from_pretrained(path)``.
+    The folder is built in a temporary sibling and renamed into place (`atomic_dir`): ``path`` is complete or
+    absent, never half-written, even when the process is killed. The directory reloads with
+    ``AutoModelForTokenClassification.from_pretrained(path)``.
     """
     path = Path(path)
     layer_names = list(masked_layers(model)) or None
@@ -55,9 +83,9 @@ def export_pruned_model(
         if hasattr(module, "_prune_trainer_target"):
             del module._prune_trainer_target
     report = sparsity_report(model, layer_names, method=method, pattern=pattern, config=config)
-    path.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(path)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(path)
-    (path / SPARSITY_FILE).write_text(json.dumps(report, indent=2))
+    with atomic_dir(path) as tmp:
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        (tmp / SPARSITY_FILE).write_text(json.dumps(report, indent=2))
     return report

@@ -1,9 +1,10 @@
 """The one-shot job: load a fine-tuned model → (OWL allocation) → sequential calibration + pruning →
-validation F1 → export (`export_pruned_model`) + ``results.json``."""
+validation F1 → export (`export_pruned_model`, atomic) + ``results.json`` (atomic, written last).
+
+The model must be a token-classification checkpoint with CoNLL's 9 labels (checked before the data is read)."""
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -14,6 +15,7 @@ import torch
 
 from prune_trainer.data.conll import Sentence, load_conll_splits
 from prune_trainer.devices import device_description, resolve_device
+from prune_trainer.io import atomic_write_json
 from prune_trainer.masking.inject import DEFAULT_EXCLUDE, DEFAULT_TARGETS, find_target_linears
 from prune_trainer.masking.selection import check_sparsity, parse_pattern
 from prune_trainer.oneshot.calibration import calibration_batches, prune_sequential, wanda_outlier_ratios
@@ -65,10 +67,11 @@ def run_oneshot(
 ) -> dict[str, Any]:
     """Run one configuration; return (and write to ``<output_dir>/results.json``) its results."""
     from prune_trainer.export import export_pruned_model
-    from prune_trainer.models import load_model_and_tokenizer, resolve_model_path
+    from prune_trainer.models import check_model_labels, load_model_and_tokenizer, load_model_config, resolve_model_path
 
     cfg.validate()
     model_path = resolve_model_path(cfg.model)  # a missing model directory fails here, before the data is read
+    check_model_labels(load_model_config(model_path), cfg.model, require_token_head=True)
     method = get_method(cfg.method)
     nm = parse_pattern(cfg.pattern)
     prunen, prunem = nm if nm else (0, 0)
@@ -119,8 +122,7 @@ def run_oneshot(
                                      config=asdict(cfg))
             results["sparsity"] = sp["global_sparsity"]
             results["sparsity_per_layer"] = sp["per_layer"]
-        out.mkdir(parents=True, exist_ok=True)
-        (out / RESULTS_FILE).write_text(json.dumps(results, indent=2))
+        atomic_write_json(out / RESULTS_FILE, results)  # after model/: its presence marks the setting done
     if "sparsity" not in results:
         results["sparsity"] = _measured_sparsity(model)
     return results

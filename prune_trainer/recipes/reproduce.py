@@ -36,7 +36,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from prune_trainer.recipes.runner import last_checkpoint_step, load_recipe
+from prune_trainer.export.export import is_complete_model_dir
+from prune_trainer.recipes.runner import last_checkpoint_step, load_recipe, run_is_complete
 from prune_trainer.yaml_io import load_yaml
 
 DEFAULT_PLAN = "recipes/reproduce.yaml"
@@ -127,11 +128,8 @@ def _display_path(path: Path) -> str:
 
 
 def _model_present(model_dir: Path | None) -> bool:
-    """An exported model folder with its config and weights."""
-    if model_dir is None:
-        return False
-    weights = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json")
-    return (model_dir / "config.json").is_file() and any((model_dir / w).is_file() for w in weights)
+    """A complete exported model folder (`is_complete_model_dir`: config, weights, tokenizer, sparsity.json)."""
+    return model_dir is not None and is_complete_model_dir(model_dir)
 
 
 def _producer(value: Any, recipe_steps: dict[str, int]) -> str | None:
@@ -293,12 +291,12 @@ def build_steps(
             )
             step = Step(name, "recipe", CLI_MODULE, argv, needs=sorted(set(needs)), model_dir=out / "model",
                         missing_inputs=missing)
-            ckpt = last_checkpoint_step(out / "checkpoints")
+            ckpt = last_checkpoint_step(out / "checkpoints", pruned=bool(recipe.get("pruning")), log=None)
             step.resume_step = ckpt
             step.estimate_min = total_steps / steps_per_epoch * float(per_epoch)
             if ckpt is not None:
                 step.estimate_min *= max(0.0, 1.0 - ckpt / max(total_steps, 1))
-            if (out / "metrics.json").is_file():
+            if run_is_complete(out):
                 step.status = "done"
                 step.detail = _done_detail(out / "metrics.json", training)
                 if name in producers and not _model_present(step.model_dir):

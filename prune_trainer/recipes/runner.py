@@ -1,92 +1,53 @@
-"""Recipe runner: YAML recipe → fine-tune (with or without pruning) → export → ``results/<name>/``.
+"""Recipe runner: YAML recipe (`Recipe`) → fine-tune (with or without pruning) → export → ``results/<name>/``.
 
 A recipe has the keys ``name``, ``model``, ``init_from``, ``data``, ``training`` (any
-`TrainingArguments` field), ``pruning`` (a `PruningConfig`, or null for dense), ``output_dir`` and
+`TrainingArguments` field), ``pruning`` (a `PruningConfig`, or null for dense), ``output_dir``,
 ``factorize_embeddings`` (a rank r: train with the word embeddings replaced by their rank-r SVD factors
-``A B``, deep-dive §5.1; the exported checkpoint holds the plain product, loadable as a standard BERT).
+``A B``, deep-dive §5.1; the exported checkpoint holds the plain product, loadable as a standard BERT) and
+``on_nonfinite`` (``error``: a NaN/inf loss or gradient stops the run, nothing is exported; ``skip``).
 ``--set a.b=value`` overrides any key (value parsed as YAML; ``2e-4`` is a float, `load_yaml`).
 
-Besides F1 and sparsity, ``metrics.json`` records the run's costs: ``wall_time_s``, ``peak_rss_mib`` (peak
-resident memory of the process, from ``getrusage``), ``pruning_time_s`` / ``pruning_steps`` (time spent in the
-pruning callback's mask updates, over the whole run including resumed parts) and ``resumed_from_step``.
+Everything that can be checked is checked before anything is written. A run holds ``<out>/.lock``, saves its
+resolved recipe in ``run_config.json`` (a resume with another recipe is an error; ``overwrite=True`` starts
+over), resumes from the newest *complete* checkpoint, and writes ``model/`` (atomically), ``config.yaml``,
+``README.md`` and last ``metrics.json``: a run is done exactly when `run_is_complete`.
+
+Besides F1 and sparsity, ``metrics.json`` records the run's costs: ``wall_time_s`` (summed over resumed parts),
+``train_loss`` (mean over every step of the run), ``peak_rss_mib`` (peak resident memory of the process, from
+``getrusage``), ``pruning_time_s`` / ``pruning_steps`` (time spent in the pruning callback's mask updates, over
+the whole run including resumed parts) and ``resumed_from_step``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
-import json
+import math
 import os
+import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from prune_trainer.io import atomic_write_json, atomic_write_text
 from prune_trainer.masking.selection import check_sparsity
-from prune_trainer.yaml_io import load_yaml
+from prune_trainer.recipes.recipe import DEFAULT_TRAINING, Recipe, apply_override, load_recipe
+from prune_trainer.recipes.run_dir import (
+    METRICS_FILE,
+    RunStateCallback,
+    check_run_identity,
+    exclusive_lock,
+    incomplete_checkpoints,
+    last_checkpoint_step,
+    run_is_complete,
+)
 
-RECIPE_KEYS = {
-    "name", "model", "init_from", "data", "training", "pruning", "output_dir", "description", "distillation",
-    "factorize_embeddings",
-}
-DATA_KEYS = {"data_dir", "hub_dataset", "max_length", "max_train_samples", "max_eval_samples"}
-
-DEFAULT_TRAINING: dict[str, Any] = {
-    "num_train_epochs": 3,
-    "per_device_train_batch_size": 32,
-    "per_device_eval_batch_size": 64,
-    "learning_rate": 1e-4,
-    "weight_decay": 0.01,
-    "warmup_steps": 0,
-    "logging_steps": 50,
-    "eval_strategy": "epoch",
-    "save_strategy": "steps",
-    "save_steps": 200,
-    "save_total_limit": 1,
-    "report_to": "none",
-    "seed": 42,
-}
-
-
-def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> dict[str, Any]:
-    """Read a recipe YAML and apply ``key.sub=value`` overrides; validate its keys."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"recipe {str(path)!r} does not exist")
-    recipe = load_yaml(path.read_text()) or {}
-    if not isinstance(recipe, dict):
-        raise ValueError(f"recipe {path} must be a mapping, got {type(recipe).__name__}")
-    recipe.setdefault("name", path.stem)
-    for item in overrides or []:
-        apply_override(recipe, item)
-    unknown = set(recipe) - RECIPE_KEYS
-    if unknown:
-        raise ValueError(f"recipe {path}: unknown key(s) {sorted(unknown)}; allowed: {sorted(RECIPE_KEYS)}")
-    unknown = set(recipe.get("data") or {}) - DATA_KEYS
-    if unknown:
-        raise ValueError(f"recipe {path}: unknown data key(s) {sorted(unknown)}; allowed: {sorted(DATA_KEYS)}")
-    return recipe
-
-
-def apply_override(recipe: dict[str, Any], item: str) -> None:
-    """Apply one ``dotted.key=value`` override in place (value parsed by `load_yaml`)."""
-    if "=" not in item:
-        raise ValueError(f"override {item!r} must look like key.sub=value")
-    key, value = item.split("=", 1)
-    node = recipe
-    parts = key.split(".")
-    for part in parts[:-1]:
-        if node.get(part) is None:
-            node[part] = {}
-        node = node[part]
-        if not isinstance(node, dict):
-            raise ValueError(f"override {item!r}: {part!r} is not a mapping")
-    parsed = load_yaml(value)
-    if isinstance(parsed, int) and ":" in value:  # YAML 1.1 reads "2:4" as a base-60 integer
-        parsed = value
-    node[parts[-1]] = parsed
+__all__ = [
+    "DEFAULT_TRAINING", "Recipe", "apply_override", "last_checkpoint_step", "load_recipe", "run_is_complete",
+    "run_recipe",
+]
 
 
 def git_commit() -> str:
@@ -125,146 +86,246 @@ def peak_rss_mib() -> float | None:
     return round(peak / (1024 * 1024 if sys.platform == "darwin" else 1024), 1)
 
 
-def last_checkpoint_step(ckpt_dir: str | os.PathLike) -> int | None:
-    """Global step of the newest ``checkpoint-<step>`` folder in ``ckpt_dir`` (None when there is none)."""
-    ckpt_dir = Path(ckpt_dir)
-    if not ckpt_dir.is_dir():
-        return None
-    steps = [
-        int(p.name.split("-", 1)[1])
-        for p in ckpt_dir.iterdir()
-        if p.is_dir() and p.name.startswith("checkpoint-") and p.name.split("-", 1)[1].isdigit()
-    ]
-    return max(steps) if steps else None
+def planned_max_steps(args: Any, n_train: int) -> int:
+    """Optimizer steps the Trainer will run: ``max_steps`` if set, else ``⌈epochs · U⌉`` with
+    ``U = max(⌈L / accumulation⌉, 1)`` updates per epoch and ``L`` batches per rank (``⌈n / world⌉`` samples per
+    rank, divided by the batch size, rounded down with ``dataloader_drop_last``), as `Trainer` computes it."""
+    if args.max_steps > 0:
+        return int(args.max_steps)
+    per_rank = math.ceil(n_train / max(int(args.world_size), 1))
+    batch = int(args.per_device_train_batch_size)
+    batches = per_rank // batch if args.dataloader_drop_last else math.ceil(per_rank / batch)
+    accumulation = int(args.gradient_accumulation_steps)
+    updates = max(batches // accumulation + int(batches % accumulation > 0), 1)
+    return math.ceil(float(args.num_train_epochs) * updates)
 
 
-def run_recipe(recipe: dict[str, Any], results_root: str | os.PathLike = "results") -> dict[str, Any]:
-    """Run a recipe end to end; return the metrics written to ``<output_dir>/metrics.json``."""
-    from transformers import DataCollatorForTokenClassification, Trainer, TrainingArguments, set_seed
+def check_training_plan(args: Any, pruning_cfg: Any, n_train: int) -> int:
+    """Validate the run's sizes and its pruning schedule against its length; return its ``max_steps``."""
+    for key in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+        if int(getattr(args, key)) < 1:
+            raise ValueError(f"training.{key} must be at least 1, got {getattr(args, key)!r}")
+    max_steps = planned_max_steps(args, n_train)
+    if max_steps < 1:
+        raise ValueError(f"the run has no optimizer step (num_train_epochs={args.num_train_epochs})")
+    if pruning_cfg is None:
+        return max_steps
+    if args.load_best_model_at_end:
+        raise ValueError(
+            "training.load_best_model_at_end cannot be used with pruning: the best checkpoint may predate the final "
+            "sparsity, so the exported model would not be the pruned one"
+        )
+    schedule = pruning_cfg.schedule
+    for key in ("start_step", "end_step"):
+        value = getattr(schedule, key)
+        if isinstance(value, int) and value > max_steps:
+            raise ValueError(
+                f"pruning.schedule.{key}={value} is past the run's last step (max_steps={max_steps}, from "
+                f"{n_train} sentences, batch {args.per_device_train_batch_size}, accumulation "
+                f"{args.gradient_accumulation_steps}, {args.num_train_epochs} epochs); lower it or use a fraction"
+            )
+    schedule.resolve(max_steps)  # start_step after end_step fails here
+    return max_steps
+
+
+def _resolve_source(recipe: Recipe) -> str:
+    """The model directory or hub id the run starts from (``init_from`` over ``model``), checked."""
+    from prune_trainer.models import resolve_model_path
+
+    try:
+        return resolve_model_path(recipe.init_from or recipe.model)
+    except FileNotFoundError as err:
+        if recipe.init_from:
+            raise FileNotFoundError(
+                f"init_from: {err}. This recipe starts from a fine-tuned model: train it first (the pruning "
+                "recipes start from results/dense/model, written by `prune-trainer run recipes/dense.yaml`)"
+            ) from err
+        raise
+
+
+def _check_model_config(model_src: str, max_length: int) -> None:
+    """Label count of a classifier checkpoint and ``max_length`` against ``max_position_embeddings``."""
+    from prune_trainer.models import check_model_labels, load_model_config
+
+    config = load_model_config(model_src)
+    check_model_labels(config, model_src)
+    positions = getattr(config, "max_position_embeddings", None)
+    if positions is not None and max_length > positions:
+        raise ValueError(
+            f"data.max_length={max_length} is above the model's max_position_embeddings={positions} ({model_src})"
+        )
+
+
+def _start_run_dir(out_dir: Path, resolved: dict[str, Any], overwrite: bool) -> None:
+    """With the lock held: ``overwrite`` empties the folder (but the lock); the run identity is checked; an old
+    ``metrics.json`` is removed (the run is done again only when this run writes it)."""
+    if overwrite:
+        for child in out_dir.iterdir():
+            if child.name != ".lock":
+                shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+    check_run_identity(out_dir, resolved)
+    (out_dir / METRICS_FILE).unlink(missing_ok=True)
+
+
+def _drop_incomplete_checkpoints(ckpt_dir: Path, pruned: bool) -> None:
+    """Delete checkpoints a kill left half-written: the Trainer would otherwise rotate the good ones away."""
+    for path, why in incomplete_checkpoints(ckpt_dir, pruned):
+        print(f"removing incomplete checkpoint {path} ({why})")
+        shutil.rmtree(path)
+
+
+def _restore_finished_training(trainer: Any, ckpt: Path) -> None:
+    """Load a checkpoint taken at the run's last step without training: `Trainer.train` resumed there would take
+    one more optimizer step. Weights, Trainer state and the callbacks' state (``on_train_begin``) are restored,
+    then ``on_train_end`` runs as at the end of training (a schedule ending at the last step applies its mask)."""
+    from transformers import TrainerState
+
+    trainer._load_from_checkpoint(str(ckpt))  # what `train(resume_from_checkpoint=...)` loads the weights with
+    trainer.state = TrainerState.load_from_json(str(ckpt / "trainer_state.json"))
+    handler = trainer.callback_handler
+    trainer.control = handler.on_train_begin(trainer.args, trainer.state, trainer.control)
+    trainer.control = handler.on_train_end(trainer.args, trainer.state, trainer.control)
+
+
+def run_recipe(
+    recipe: Recipe | dict[str, Any], results_root: str | os.PathLike = "results", overwrite: bool = False
+) -> dict[str, Any]:
+    """Run a recipe end to end (resuming an interrupted run of it); return the metrics written to
+    ``<output_dir>/metrics.json``. ``overwrite``: delete an existing output folder first and start over."""
+    from transformers import DataCollatorForTokenClassification, Trainer, set_seed
 
     from prune_trainer.callbacks import SparsityLoggingCallback, make_pruning_callback
+    from prune_trainer.callbacks.finite import FiniteCheckCallback
     from prune_trainer.config import PruningConfig
     from prune_trainer.data import (
         load_conll_splits,
         make_compute_metrics,
         preprocess_logits_for_metrics,
         tokenize_and_align,
+        window_sentences,
     )
     from prune_trainer.export import export_pruned_model
-    from prune_trainer.models import load_model_and_tokenizer, resolve_model_path
+    from prune_trainer.models import load_model_and_tokenizer
     from prune_trainer.oneshot.embedding_factorization import factorize_word_embeddings, merge_word_embeddings
 
     start = time.time()
     commit = git_commit()  # the code that runs is the code checked out now
-    recipe = copy.deepcopy(recipe)
-    name = recipe["name"]
-    out_dir = Path(recipe.get("output_dir") or Path(results_root) / name)
-    data_cfg = recipe.get("data") or {}
-    training = {**DEFAULT_TRAINING, **(recipe.get("training") or {})}
-    pruning_cfg = PruningConfig.from_dict(recipe["pruning"]) if recipe.get("pruning") else None
+    recipe = Recipe.from_dict(copy.deepcopy(recipe)) if isinstance(recipe, dict) else copy.deepcopy(recipe)
+    name = recipe.name
+    out_dir = Path(recipe.output_dir or Path(results_root) / name)
+    ckpt_dir = out_dir / "checkpoints"
+    data_cfg = recipe.data
+    training = recipe.resolved_training()
+    pruning_cfg = PruningConfig.from_dict(recipe.pruning) if recipe.pruning else None
+
+    extra: dict[str, Any] = {}
+    if "wandb" in str(training.get("report_to")):
+        os.environ.setdefault("WANDB_MODE", "offline" if not os.environ.get("WANDB_API_KEY") else "online")
+        os.environ.setdefault("WANDB_DIR", str(out_dir))
+        os.environ.setdefault("WANDB_PROJECT", "prune_trainer")
+        extra["run_name"] = training.setdefault("run_name", name)
 
     # Everything that can be checked before training is checked before anything is written.
-    model_src = recipe.get("init_from") or recipe.get("model")
-    try:
-        model_src = resolve_model_path(model_src)  # a missing model directory fails here, before the data is read
-    except FileNotFoundError as err:
-        if recipe.get("init_from"):
-            raise FileNotFoundError(
-                f"init_from: {err}. This recipe starts from a fine-tuned model: train it first (the pruning "
-                "recipes start from results/dense/model, written by `prune-trainer run recipes/dense.yaml`)"
-            ) from err
-        raise
-    splits = load_conll_splits(data_cfg.get("data_dir"), data_cfg.get("hub_dataset", "eriktks/conll2003"))
+    args = recipe.training_arguments(ckpt_dir, **extra)
+    model_src = _resolve_source(recipe)  # a missing model directory fails here, before the data is read
+    _check_model_config(model_src, data_cfg.max_length)
+    splits = load_conll_splits(data_cfg.data_dir, data_cfg.hub_dataset)
     # A checkpoint without a token-classification head (the embedded model, bert-base-cased) gets a new one drawn
     # from the global RNG: seed it first, as HF's example scripts do, so the same recipe trains the same run.
     set_seed(int(training["seed"]))
     model, tokenizer = load_model_and_tokenizer(model_src)
-    embedding_rank = recipe.get("factorize_embeddings")
-    if embedding_rank is not None:
-        if isinstance(embedding_rank, bool) or not isinstance(embedding_rank, int):
-            raise ValueError(f"factorize_embeddings must be an integer rank, got {embedding_rank!r}")
-        factorize_word_embeddings(model, embedding_rank)
-    max_length = int(data_cfg.get("max_length", 128))
-    train_ds = tokenize_and_align(splits["train"], tokenizer, max_length, data_cfg.get("max_train_samples"))
-    eval_sets = {
-        split: tokenize_and_align(splits[split], tokenizer, max_length, data_cfg.get("max_eval_samples"))
-        for split in ("validation", "test")
-        if split in splits
-    }
+    if recipe.factorize_embeddings is not None:
+        factorize_word_embeddings(model, recipe.factorize_embeddings)
+    max_length = data_cfg.max_length
+    train_ds = tokenize_and_align(splits["train"], tokenizer, max_length, data_cfg.max_train_samples)
+    eval_sets = {}  # split → (dataset, window groups): long sentences are scored in windows, stitched back
+    for split in ("validation", "test"):
+        if split in splits:
+            windows, groups = window_sentences(splits[split][: data_cfg.max_eval_samples], tokenizer, max_length)
+            eval_sets[split] = (tokenize_and_align(windows, tokenizer, max_length), groups)
+    max_steps = check_training_plan(args, pruning_cfg, len(train_ds))
     callbacks = []
     pruner = None
     if pruning_cfg is not None:
         check_sparsity(pruning_cfg.schedule.final_sparsity, "final_sparsity")
         pruner = make_pruning_callback(model, pruning_cfg)
         callbacks.append(pruner)
-    if recipe.get("distillation"):  # {teacher: <path> | "init_from", alpha, temperature}
+    if recipe.distillation:  # {teacher: <path> | "init_from", alpha, temperature}
         from prune_trainer.callbacks.distillation import make_distillation_callback
 
-        callbacks.append(make_distillation_callback(model, recipe["distillation"], recipe.get("init_from")))
+        callbacks.append(make_distillation_callback(model, recipe.distillation, recipe.init_from))
+    callbacks.append(FiniteCheckCallback(recipe.on_nonfinite))
 
-    if "wandb" in str(training.get("report_to")):
-        os.environ.setdefault("WANDB_MODE", "offline" if not os.environ.get("WANDB_API_KEY") else "online")
-        os.environ.setdefault("WANDB_DIR", str(out_dir))
-        os.environ.setdefault("WANDB_PROJECT", "prune_trainer")
-        training.setdefault("run_name", name)
+    resolved = {**recipe.to_dict(), "model_path": model_src, "training": training, "max_steps": max_steps}
+    resolved.pop("description")  # the run's identity: everything that changes what it computes
+    main_process = int(os.environ.get("RANK", "0")) == 0  # under torchrun, rank 0 owns the folder
+    with exclusive_lock(out_dir / ".lock") if main_process else contextlib.nullcontext():
+        if main_process:
+            _start_run_dir(out_dir, resolved, overwrite)
+            _drop_incomplete_checkpoints(ckpt_dir, pruned=pruner is not None)
+        resumed_from = last_checkpoint_step(ckpt_dir, pruned=pruner is not None)
+        resume_path = ckpt_dir / f"checkpoint-{resumed_from}" if resumed_from is not None else None
+        run_state = RunStateCallback.from_checkpoint(resume_path, start)
+        trainer = Trainer(
+            model=model,
+            args=args,
+            train_dataset=train_ds,
+            eval_dataset=eval_sets["validation"][0],
+            data_collator=DataCollatorForTokenClassification(tokenizer),
+            processing_class=tokenizer,
+            compute_metrics=make_compute_metrics(groups=eval_sets["validation"][1]),
+            preprocess_logits_for_metrics=preprocess_logits_for_metrics,
+            callbacks=[*callbacks, run_state],
+        )
+        run_state.attach(trainer)
+        if pruner is not None:
+            SparsityLoggingCallback(pruner).install(trainer)  # ahead of the reporters (W&B, ...)
+        if resumed_from is not None and resumed_from >= max_steps:
+            _restore_finished_training(trainer, resume_path)
+            part_loss_sum = 0.0
+        else:
+            train_out = trainer.train(resume_from_checkpoint=str(resume_path) if resume_path is not None else None)
+            part_loss_sum = train_out.training_loss * (trainer.state.global_step - (resumed_from or 0))
+        totals = run_state.totals(part_loss_sum)
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    ckpt_dir = out_dir / "checkpoints"
-    args = TrainingArguments(output_dir=str(ckpt_dir), **training)
-    trainer = Trainer(
-        model=model,
-        args=args,
-        train_dataset=train_ds,
-        eval_dataset=eval_sets["validation"],
-        data_collator=DataCollatorForTokenClassification(tokenizer),
-        processing_class=tokenizer,
-        compute_metrics=make_compute_metrics(),
-        preprocess_logits_for_metrics=preprocess_logits_for_metrics,
-        callbacks=callbacks,
-    )
-    if pruner is not None:
-        SparsityLoggingCallback(pruner).install(trainer)  # ahead of the reporters (W&B, ...)
-    resumed_from = last_checkpoint_step(ckpt_dir)
-    train_out = trainer.train(resume_from_checkpoint=True if resumed_from is not None else None)
+        metrics: dict[str, Any] = {"name": name}
+        for split, (ds, groups) in eval_sets.items():
+            prefix = "eval" if split == "validation" else "test"
+            trainer.compute_metrics = make_compute_metrics(groups=groups)
+            res = trainer.evaluate(ds, metric_key_prefix=prefix)
+            metrics.update({k: v for k, v in res.items() if k.startswith(prefix + "_")})
 
-    metrics: dict[str, Any] = {"name": name}
-    for split, ds in eval_sets.items():
-        prefix = "eval" if split == "validation" else "test"
-        res = trainer.evaluate(ds, metric_key_prefix=prefix)
-        metrics.update({k: v for k, v in res.items() if k.startswith(prefix + "_")})
-
-    if embedding_rank is not None:
-        merge_word_embeddings(model)  # plain nn.Embedding holding A B: a standard checkpoint
-    report = export_pruned_model(
-        model,
-        out_dir / "model",
-        tokenizer,
-        method=pruning_cfg.method if pruning_cfg else "dense",
-        pattern=pruning_cfg.pattern if pruning_cfg else "unstructured",
-        config=recipe,
-    )
-    wall = time.time() - start
-    metrics.update(
-        {
-            "sparsity": report["global_sparsity"],
-            "sparsity_per_layer": report["per_layer"],
-            "train_loss": train_out.training_loss,
-            "train_steps": trainer.state.global_step,
-            "resumed_from_step": resumed_from or 0,
-            "wall_time_s": round(wall, 1),
-            "pruning_time_s": round(pruner.pruning_time_s, 6) if pruner is not None else 0.0,
-            "pruning_steps": pruner.pruning_steps if pruner is not None else 0,
-            "peak_rss_mib": peak_rss_mib(),
-            "git_commit": commit,
-            "device": _device_name(),
-            "command": " ".join(sys.argv),
-            "config": {**recipe, "training": training},
-            "log_history": trainer.state.log_history,
-        }
-    )
-    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
-    (out_dir / "config.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
-    (out_dir / "README.md").write_text(results_markdown(metrics))
+        if recipe.factorize_embeddings is not None:
+            merge_word_embeddings(model)  # plain nn.Embedding holding A B: a standard checkpoint
+        report = export_pruned_model(
+            model,
+            out_dir / "model",
+            tokenizer,
+            method=pruning_cfg.method if pruning_cfg else "dense",
+            pattern=pruning_cfg.pattern if pruning_cfg else "unstructured",
+            config=recipe.to_dict(),
+        )
+        metrics.update(
+            {
+                "sparsity": report["global_sparsity"],
+                "sparsity_per_layer": report["per_layer"],
+                "train_loss": totals["train_loss_sum"] / max(trainer.state.global_step, 1),
+                "train_steps": trainer.state.global_step,
+                "resumed_from_step": resumed_from or 0,
+                "wall_time_s": round(totals["wall_time_s"], 1),
+                "pruning_time_s": round(pruner.pruning_time_s, 6) if pruner is not None else 0.0,
+                "pruning_steps": pruner.pruning_steps if pruner is not None else 0,
+                "peak_rss_mib": peak_rss_mib(),
+                "git_commit": commit,
+                "device": _device_name(),
+                "command": " ".join(sys.argv),
+                "config": {**recipe.to_dict(), "training": training},
+                "log_history": trainer.state.log_history,
+            }
+        )
+        atomic_write_text(out_dir / "config.yaml", recipe.to_yaml())
+        atomic_write_text(out_dir / "README.md", results_markdown(metrics))
+        atomic_write_json(out_dir / METRICS_FILE, metrics)  # last: its presence marks the run done
     return metrics
 
 
