@@ -1,9 +1,10 @@
-"""Grids of one-shot runs into one JSON, and the markdown table / sample-size figure from it.
+"""Grids of one-shot runs into one JSON per (dense model, method), and the markdown table / sample-size page.
 
-``python -m prune_trainer.oneshot.experiments grid --model results/dense/model --out results/oneshot_results.json
---methods sparsegpt,wanda --sparsities 0.5,0.7,2:4 --owl no --calib 1024``: runs every missing setting
-(resumable: settings already in the JSON, or in the JSONs given with ``--done``, are skipped) with one torch thread.
-``... table --json ... --md results/oneshot_table.md`` and ``... samples --json ... --md ... --png ...``.
+``python -m study oneshot-grid --model results/runs/dense/model --out results/oneshot/dense/sparsegpt.json
+--methods sparsegpt --sparsities 0.5,0.7,2:4 --owl no --calib 1024``: runs every missing setting (resumable:
+settings already in the JSON, or in the JSONs given with ``--done``, are skipped) with one torch thread.
+``python -m study oneshot-table --json ... --md results/oneshot/dense/README.md`` and
+``python -m study oneshot-samples --json ... --md ... --png ...``.
 """
 
 from __future__ import annotations
@@ -11,13 +12,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-# Table 1 of the deep-dive (bert-base-cased, factorized embeddings, 4096 calibration samples):
+# Table 1 of the unstructured-pruning deep-dive (bert-base-cased on CoNLL-2003, rank-64 factorized embeddings,
+# 4096 calibration samples):
 # sparsity → method → (F1 uniform, F1 OWL, time s).
 PAPER_TABLE: dict[float, dict[str, tuple[float, float, float]]] = {
     0.5: {"obs": (0.870, 0.868, 192.5), "sparsegpt": (0.869, 0.871, 18.0), "wanda": (0.862, 0.863, 0.9)},
@@ -26,8 +27,9 @@ PAPER_TABLE: dict[float, dict[str, tuple[float, float, float]]] = {
     0.8: {"obs": (0.804, 0.816, 300.7), "sparsegpt": (0.770, 0.791, 18.0), "wanda": (0.033, 0.042, 0.9)},
 }
 PAPER_DENSE_F1 = 0.872
-# Issue 6 reference points: authors' SparseGPT/Wanda code on this setup, 1024 calibration sentences.
-ISSUE_REFERENCE: dict[str, dict[str, float]] = {
+# Reference points: the authors' own SparseGPT / Wanda code on this setup (the dense model without factorization,
+# 1024 calibration sentences, uniform sparsity).
+AUTHORS_REFERENCE: dict[str, dict[str, float]] = {
     "sparsegpt": {"0.5": 0.896, "0.7": 0.782, "0.8": 0.470, "2:4": 0.875},
     "wanda": {"0.5": 0.871, "0.7": 0.437, "0.8": 0.222, "2:4": 0.755},
     "magnitude": {"0.5": 0.847, "0.7": 0.364, "0.8": 0.102, "2:4": 0.646},
@@ -133,7 +135,7 @@ def model_description(model: str) -> str:
 def table_markdown(results: dict[str, Any], calib: int, reference: bool = False) -> str:
     """Table 1 layout: per sparsity and method, F1 uniform / OWL and pruning time, next to the paper.
 
-    ``reference``: add the check against the issue's reference points (settings with 1024 sentences)."""
+    ``reference``: add the check against the authors' code (``AUTHORS_REFERENCE``, settings with 1024 sentences)."""
     dense = results.get("dense", {})
     model = str(dense.get("model", "?"))
     threads = sorted({r.get("torch_threads") for k, r in results.items() if k != "dense" and r.get("torch_threads")})
@@ -173,9 +175,9 @@ def table_markdown(results: dict[str, Any], calib: int, reference: bool = False)
             )
     if not reference:
         return "\n".join(lines) + "\n"
-    lines += ["", "## Check against the issue's reference points (authors' code, 1024 sentences)", "",
+    lines += ["", "## Check against the authors' SparseGPT / Wanda code (1024 sentences)", "",
               "| Method | level | ours F1 | reference F1 | difference |", "|---|---|---|---|---|"]
-    for method, refs in ISSUE_REFERENCE.items():
+    for method, refs in AUTHORS_REFERENCE.items():
         for level, ref in refs.items():
             ours = _get(results, method, level, False, 1024)
             diff = None if ours is None else ours["eval_f1"] - ref
@@ -239,10 +241,32 @@ def merge_results(paths: list[Path]) -> dict[str, Any]:
     return merged
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
-    sub = parser.add_subparsers(dest="cmd", required=True)
-    g = sub.add_parser("grid")
+def grid_command(args: argparse.Namespace) -> int:
+    """``oneshot-grid``: run the missing settings of one grid."""
+    owl_modes = {"no": [False], "yes": [True], "both": [False, True]}[args.owl]
+    run_grid(args.model, args.out, args.methods.split(","), args.sparsities.split(","), owl_modes,
+             [int(c) for c in args.calib.split(",")], args.data_dir,
+             done_keys=[k for p in args.done if p.is_file() for k in json.loads(p.read_text())])
+    return 0
+
+
+def table_command(args: argparse.Namespace) -> int:
+    """``oneshot-table``: the Table 1 page from the merged grid JSONs, keeping its hand-written notes."""
+    text = table_markdown(merge_results(args.json), args.calib, args.reference)
+    args.md.write_text(text + kept_notes(args.md))
+    return 0
+
+
+def samples_command(args: argparse.Namespace) -> int:
+    """``oneshot-samples``: the F1-vs-calibration-sentences page (and figure), keeping its notes."""
+    text = samples_markdown(merge_results(args.json), args.png)
+    args.md.write_text(text + kept_notes(args.md))
+    return 0
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    """The ``oneshot-grid``, ``oneshot-table`` and ``oneshot-samples`` subcommands of ``python -m study``."""
+    g = sub.add_parser("oneshot-grid", help="run the missing settings of a one-shot grid into one JSON")
     g.add_argument("--model", required=True)
     g.add_argument("--out", type=Path, required=True)
     g.add_argument("--methods", default="sparsegpt,wanda,magnitude")
@@ -252,30 +276,16 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--data-dir")
     g.add_argument("--done", type=Path, nargs="*", default=[],
                    help="other grid JSONs whose settings count as done (not rerun)")
-    t = sub.add_parser("table")
+    g.set_defaults(func=grid_command)
+    t = sub.add_parser("oneshot-table", help="markdown table (Table 1 layout) from grid JSONs")
     t.add_argument("--json", type=Path, nargs="+", required=True, help="one or more grid JSONs (merged)")
     t.add_argument("--md", type=Path, required=True)
     t.add_argument("--calib", type=int, default=1024)
     t.add_argument("--reference", action="store_true",
-                   help="add the check against the issue's reference points (1024-sentence settings)")
-    s = sub.add_parser("samples")
+                   help="add the check against the authors' SparseGPT / Wanda code (1024-sentence settings)")
+    t.set_defaults(func=table_command)
+    s = sub.add_parser("oneshot-samples", help="F1 vs calibration sentences (markdown + figure) from grid JSONs")
     s.add_argument("--json", type=Path, nargs="+", required=True, help="one or more grid JSONs (merged)")
     s.add_argument("--md", type=Path, required=True)
     s.add_argument("--png", type=Path)
-    args = parser.parse_args(argv)
-    if args.cmd == "grid":
-        owl_modes = {"no": [False], "yes": [True], "both": [False, True]}[args.owl]
-        run_grid(args.model, args.out, args.methods.split(","), args.sparsities.split(","), owl_modes,
-                 [int(c) for c in args.calib.split(",")], args.data_dir,
-                 done_keys=[k for p in args.done if p.is_file() for k in json.loads(p.read_text())])
-    elif args.cmd == "table":
-        text = table_markdown(merge_results(args.json), args.calib, args.reference)
-        args.md.write_text(text + kept_notes(args.md))
-    else:
-        text = samples_markdown(merge_results(args.json), args.png)
-        args.md.write_text(text + kept_notes(args.md))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    s.set_defaults(func=samples_command)

@@ -1,7 +1,8 @@
-"""Build ``results/README.md`` and plots from the committed ``results/*/metrics.json`` files.
+"""Build ``results/README.md`` (tables and plots) and ``results/index.{md,json}`` from the committed runs.
 
-``python -m prune_trainer report results/`` — every number in the report is read from a
-``metrics.json`` written by a recipe run; nothing is typed in by hand.
+``python -m study report results/`` — every number is read from a ``metrics.json`` written by a recipe run
+(``results/runs/*``, ``results/ablations/*``) or a one-shot grid JSON (``results/oneshot/<model>/*.json``);
+nothing is typed in by hand.
 """
 
 from __future__ import annotations
@@ -10,14 +11,18 @@ import json
 from pathlib import Path
 from typing import Any
 
+from study.index import run_folders, write_index
+
 
 def load_runs(results_dir: str | Path) -> list[dict[str, Any]]:
-    """All ``<results_dir>/<run>/metrics.json`` files (runs without ``eval_f1`` are skipped)."""
+    """All ``<results_dir>/{runs,ablations}/<run>/metrics.json`` (runs without ``eval_f1`` are skipped), each with
+    ``folder``: its folder relative to ``results_dir`` (in memory only)."""
     runs = []
-    for path in sorted(Path(results_dir).glob("*/metrics.json")):
-        data = json.loads(path.read_text())
+    for folder in run_folders(results_dir):
+        data = json.loads((folder / "metrics.json").read_text())
         if "eval_f1" in data:
-            data.setdefault("name", path.parent.name)
+            data.setdefault("name", folder.name)
+            data["folder"] = folder.relative_to(results_dir).as_posix()
             runs.append(data)
     return runs
 
@@ -82,7 +87,7 @@ def results_table(runs: list[dict[str, Any]]) -> str:
         test = f"{run['test_f1']:.4f}" if "test_f1" in run else "-"
         wall = f"{run['wall_time_s'] / 60:.1f} min" if "wall_time_s" in run else "-"
         lines.append(
-            f"| [{run['name']}]({run['name']}/) | {_method(run)} | {run.get('sparsity', 0.0):.4f} | "
+            f"| [{run['name']}]({run['folder']}/) | {_method(run)} | {run.get('sparsity', 0.0):.4f} | "
             f"{run['eval_f1']:.4f} | {rel} | {test} | {_epochs(run)} | {wall} | {run.get('device', '-')} |"
         )
     return "\n".join(lines)
@@ -118,7 +123,7 @@ def method_sparsity_table(runs: list[dict[str, Any]], oneshot: dict[str, dict[st
                           reference_label: str = "ref") -> str:
     """Markdown pivot: one row per method, one column per sparsity level (or N:M pattern); a cell is
     ``F1 (% of dense, epochs)`` of the run at that level (several runs: one per line), one-shot rows
-    (``oneshot_results*.json`` at ``calib`` sentences, uniform and OWL) without training. ``reference``
+    (the grid JSONs at ``calib`` sentences, uniform and OWL) without training. ``reference``
     maps ``(method, level, "uniform"|"owl")`` (the setting key's spelling, e.g. ``("obs", "0.8", "owl")``) to
     a published F1, shown beside that one-shot cell as ``(<reference_label> 0.804)``."""
     dense = next((r for r in runs if r["name"] == "dense"), None)
@@ -183,29 +188,31 @@ def cost_table(runs: list[dict[str, Any]]) -> str:
         pruning = run.get("pruning_time_s")
         share = f"{100 * pruning / runtime:.1f}%" if pruning is not None and runtime else "-"
         lines.append(
-            f"| [{run['name']}]({run['name']}/) | {_method(run)} | {_fmt(steps, '.0f')} | "
+            f"| [{run['name']}]({run['folder']}/) | {_method(run)} | {_fmt(steps, '.0f')} | "
             f"{_fmt(run.get('wall_time_s'), '.1f', ' min', 60)} | {_fmt(per_step, '.2f')} | "
             f"{_fmt(pruning, '.1f', ' s')} | {share} | {_fmt(run.get('peak_rss_mib'), '.0f', ' MiB')} |"
         )
     return "\n".join(lines)
 
 
-ONESHOT_PIVOT_DIR = "oneshot_dense"
+ONESHOT_DIR = "oneshot"
+"""``<results>/oneshot/<model>/<method>.json``: one folder per dense model (a setting key does not name it)."""
+ONESHOT_PIVOT_DIR = "oneshot/dense"
 """Folder of the one-shot grid on the same dense model the training runs start from (rows of the pivot table)."""
-ONESHOT_TABLE1_DIR = "oneshot_emb64"
+ONESHOT_TABLE1_DIR = "oneshot/dense_emb64"
 """Folder of the one-shot grid in the deep-dive's Table 1 setting (factorized embeddings, 4096 sentences)."""
 
 
-def issue_reference() -> dict[tuple[str, str, str], float]:
-    """Issue 6's reference points (the authors' SparseGPT / Wanda code on the dense model, 1024 sentences, uniform)."""
-    from prune_trainer.oneshot.experiments import ISSUE_REFERENCE
+def authors_reference() -> dict[tuple[str, str, str], float]:
+    """The authors' own SparseGPT / Wanda code on the dense model (1024 sentences, uniform): reference F1s."""
+    from study.oneshot_grid import AUTHORS_REFERENCE
 
-    return {(m, lv, "uniform"): f1 for m, levels in ISSUE_REFERENCE.items() for lv, f1 in levels.items()}
+    return {(m, lv, "uniform"): f1 for m, levels in AUTHORS_REFERENCE.items() for lv, f1 in levels.items()}
 
 
 def paper_reference() -> dict[tuple[str, str, str], float]:
-    """The deep-dive's Table 1 (bert-base-cased, factorized embeddings, 4096 samples): F1 uniform and OWL."""
-    from prune_trainer.oneshot.experiments import PAPER_TABLE
+    """Table 1 of the unstructured-pruning deep-dive (bert-base-cased, factorized embeddings, 4096 samples)."""
+    from study.oneshot_grid import PAPER_TABLE
 
     out: dict[tuple[str, str, str], float] = {}
     for level, methods in PAPER_TABLE.items():
@@ -215,17 +222,15 @@ def paper_reference() -> dict[tuple[str, str, str], float]:
 
 
 def oneshot_folders(results_dir: str | Path) -> list[Path]:
-    """``results_dir`` and its direct subfolders that hold one-shot grid files (one folder per dense model)."""
-    results_dir = Path(results_dir)
-    folders = [results_dir, *sorted(p for p in results_dir.iterdir() if p.is_dir())]
-    return [f for f in folders if any(f.glob("oneshot_results*.json"))]
+    """The folders ``<results_dir>/oneshot/<model>/`` that hold one-shot grid files (one folder per dense model)."""
+    return sorted(p for p in (Path(results_dir) / ONESHOT_DIR).glob("*") if p.is_dir() and any(p.glob("*.json")))
 
 
-def load_oneshot_results(results_dir: str | Path) -> dict[str, dict[str, Any]]:
-    """Union of the one-shot grid files ``<results_dir>/oneshot_results*.json`` (setting key → result)."""
-    from prune_trainer.oneshot.experiments import merge_results
+def load_oneshot_results(folder: str | Path) -> dict[str, dict[str, Any]]:
+    """Union of the one-shot grid files ``<folder>/*.json`` (setting key → result)."""
+    from study.oneshot_grid import merge_results
 
-    merged = merge_results(sorted(Path(results_dir).glob("oneshot_results*.json")))
+    merged = merge_results(sorted(Path(folder).glob("*.json")))
     return {k: v for k, v in merged.items() if k != "dense" and isinstance(v, dict)}
 
 
@@ -308,19 +313,13 @@ def plot_runs(runs: list[dict[str, Any]], out_dir: Path) -> list[Path]:
     return written
 
 
-def write_report(results_dir: str | Path = "results") -> Path:
-    """Write ``<results_dir>/README.md`` (+ plots) from the runs found there; return its path."""
-    results_dir = Path(results_dir)
-    runs = load_runs(results_dir)
-    if not runs:
-        raise FileNotFoundError(f"no */metrics.json with eval_f1 under {results_dir}")
-    plots = plot_runs(runs, results_dir)
-    pivot_dir = results_dir / ONESHOT_PIVOT_DIR if (results_dir / ONESHOT_PIVOT_DIR).is_dir() else results_dir
-    text = [
+def _header(runs: list[dict[str, Any]]) -> list[str]:
+    return [
         "# Results",
         "",
-        "Generated by `python -m prune_trainer report results/` from the `metrics.json` of each run "
-        "(each run's folder has its command, git commit, device and full config).",
+        "Generated by `python -m study report results/` from the `metrics.json` of each run (each run's folder has "
+        "its command, git commit, device and full config). Every run with its recipe, overrides and budget: "
+        "[index.md](index.md); canonical runs of the shipped recipes are in `runs/`, variants in `ablations/`.",
         "Model: the embedded all-MiniLM-L6-v2 BERT; data: CoNLL-2003 "
         + ("(validation and test splits)." if any("test_f1" in r for r in runs)
            else "(validation split; the data directory had no test.txt)."),
@@ -328,38 +327,51 @@ def write_report(results_dir: str | Path = "results") -> Path:
         "",
         results_table(runs),
         "",
+    ]
+
+
+def _pivot_section(runs: list[dict[str, Any]], results_dir: Path) -> list[str]:
+    """Methods × sparsity: training runs and the one-shot grid on the dense model they start from."""
+    pivot_dir = results_dir / ONESHOT_PIVOT_DIR
+    return [
         "## Methods × sparsity",
         "",
         "Validation F1 of each training-time run (% of the dense F1, epochs) at the sparsity it reached, and the "
         "one-shot settings (no training; 1024 calibration sentences; uniform or OWL layer-wise sparsity) from "
-        f"`{pivot_dir.relative_to(results_dir).as_posix() + '/' if pivot_dir != results_dir else ''}"
-        "oneshot_results*.json` (one-shot pruning of the dense model the training runs start from); beside a "
-        "one-shot F1, in parentheses, the issue's reference point at the same setting measured with the authors' "
-        "own SparseGPT / Wanda code (`authors`). `–`: not run.",
+        f"`{ONESHOT_PIVOT_DIR}/*.json` (one-shot pruning of the dense model the training runs start from); beside a "
+        "one-shot F1, in parentheses, the F1 at the same setting measured with the authors' own SparseGPT / Wanda "
+        "code (`authors`). `–`: not run.",
         "",
-        method_sparsity_table(runs, load_oneshot_results(pivot_dir), reference=issue_reference(),
+        method_sparsity_table(runs, load_oneshot_results(pivot_dir), reference=authors_reference(),
                               reference_label="authors"),
         "",
     ]
-    table1_dir = results_dir / ONESHOT_TABLE1_DIR
-    if any(table1_dir.glob("oneshot_results*.json")):
-        from prune_trainer.oneshot.experiments import PAPER_DENSE_F1
 
-        emb64 = next((r for r in runs if r["name"] == "dense_emb64"), None)
-        dense_note = (f"the dense model `dense_emb64` has F1 {emb64['eval_f1']:.4f}; " if emb64 else "")
-        text += [
-            "One-shot pruning in the deep-dive's Table 1 setting (`" + ONESHOT_TABLE1_DIR + "/oneshot_results*.json`: "
-            "rank-64 factorized word embeddings, 4096 calibration sentences, every encoder Linear); beside each F1, "
-            f"in parentheses, the paper's number for bert-base-cased (`paper`; {dense_note}the paper's dense "
-            f"{PAPER_DENSE_F1}). Times and analysis: [oneshot_table.md](oneshot_table.md).",
-            "",
-            method_sparsity_table([], load_oneshot_results(table1_dir), calib=4096, reference=paper_reference(),
-                                  reference_label="paper"),
-            "",
-        ]
-    for plot in plots:
-        text += [f"![{plot.stem}]({plot.name})", ""]
-    text += [
+
+def _table1_section(runs: list[dict[str, Any]], results_dir: Path) -> list[str]:
+    """The one-shot grid in the deep-dive's Table 1 setting, beside the paper's numbers (empty if not run)."""
+    from study.oneshot_grid import PAPER_DENSE_F1
+
+    table1_dir = results_dir / ONESHOT_TABLE1_DIR
+    if not any(table1_dir.glob("*.json")):
+        return []
+    emb64 = next((r for r in runs if r["name"] == "dense_emb64"), None)
+    dense_note = f"the dense model `dense_emb64` has F1 {emb64['eval_f1']:.4f}; " if emb64 else ""
+    return [
+        f"One-shot pruning in the setting of Table 1 of the unstructured-pruning deep-dive (`{ONESHOT_TABLE1_DIR}/"
+        "*.json`: rank-64 factorized word embeddings, 4096 calibration sentences, every encoder Linear); beside "
+        f"each F1, in parentheses, the paper's number for bert-base-cased (`paper`; {dense_note}the paper's dense "
+        f"{PAPER_DENSE_F1}). Times and analysis: [{ONESHOT_TABLE1_DIR}/README.md]({ONESHOT_TABLE1_DIR}/README.md).",
+        "",
+        method_sparsity_table([], load_oneshot_results(table1_dir), calib=4096, reference=paper_reference(),
+                              reference_label="paper"),
+        "",
+    ]
+
+
+def _costs_section(runs: list[dict[str, Any]], results_dir: Path) -> list[str]:
+    """Training costs and, per one-shot folder, one-shot pruning times."""
+    text = [
         "## Costs",
         "",
         "Training runs: wall time of the whole run (load, train, evaluate, export); seconds per optimizer step "
@@ -372,20 +384,38 @@ def write_report(results_dir: str | Path = "results") -> Path:
         "",
     ]
     for folder in oneshot_folders(results_dir):
-        where = folder.relative_to(results_dir).as_posix() + "/" if folder != results_dir else ""
         text += [
-            f"One-shot pruning (`{where}oneshot_results*.json`): prune = calibration forward passes + pruning, "
-            "solve = the per-layer pruning math only; evaluation not included.",
+            f"One-shot pruning (`{folder.relative_to(results_dir).as_posix()}/*.json`): prune = calibration forward "
+            "passes + pruning, solve = the per-layer pruning math only; evaluation not included.",
             "",
             oneshot_cost_table(load_oneshot_results(folder)),
             "",
         ]
-    others = sorted(p for p in results_dir.glob("*.md") if p.name not in ("README.md", "NOTES.md"))
-    if others:
-        text += ["Other result tables:", ""] + [f"- [{p.stem}]({p.name})" for p in others] + [""]
-    extra = results_dir / "NOTES.md"
-    if extra.is_file():
-        text += [extra.read_text()]
+    return text
+
+
+def _pages_section(results_dir: Path) -> list[str]:
+    """Links to the other result pages (one-shot tables and analyses), then the hand-written notes."""
+    pages = sorted(p for p in (results_dir / ONESHOT_DIR).glob("*/*.md"))
+    text = ["Other result tables:", ""] + [f"- [{p.relative_to(results_dir).as_posix()}]"
+                                           f"({p.relative_to(results_dir).as_posix()})" for p in pages] + [""]
+    notes = results_dir / "NOTES.md"
+    return (text if pages else []) + ([notes.read_text()] if notes.is_file() else [])
+
+
+def write_report(results_dir: str | Path = "results") -> Path:
+    """Write ``<results_dir>/README.md`` (+ plots) and ``index.md`` / ``index.json`` from the runs found there;
+    return the README's path."""
+    results_dir = Path(results_dir)
+    runs = load_runs(results_dir)
+    if not runs:
+        raise FileNotFoundError(f"no {{runs,ablations}}/*/metrics.json with eval_f1 under {results_dir}")
+    write_index(results_dir)
+    plots = plot_runs(runs, results_dir)
+    text = [*_header(runs), *_pivot_section(runs, results_dir), *_table1_section(runs, results_dir)]
+    for plot in plots:
+        text += [f"![{plot.stem}]({plot.name})", ""]
+    text += [*_costs_section(runs, results_dir), *_pages_section(results_dir)]
     path = results_dir / "README.md"
     path.write_text("\n".join(text))
     return path

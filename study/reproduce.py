@@ -1,14 +1,15 @@
-"""``prune-trainer reproduce``: the whole study as one resumable command, planned in ``recipes/reproduce.yaml``.
+"""``python -m study reproduce``: the whole study as one resumable command, planned in ``study/plan.yaml``.
 
-The plan is an ordered list of steps (see the comments at the top of ``recipes/reproduce.yaml``): recipe runs
-(``prune-trainer run``), one-shot grids and their table (``python -m prune_trainer.oneshot.experiments``) and the
-report (``prune-trainer report``). For each step the driver works out
+The plan is an ordered list of steps (see the comments at the top of ``study/plan.yaml``): recipe runs
+(``prune-trainer run``), one-shot grids and their pages (``python -m study oneshot-grid`` / ``oneshot-table`` /
+``oneshot-samples``) and the report (``python -m study report``). For each step the driver works out
 
-- its **status**: ``done`` (``<results>/<name>/metrics.json`` exists; one-shot: every setting of the step is in a
-  ``oneshot_results*.json`` of the folder its ``out`` JSON is in; one folder per dense model, since a setting key
-  does not name the model), ``resumable`` (a Trainer checkpoint in ``<results>/<name>/checkpoints/``,
-  or part of a one-shot grid), ``to run``, ``re-run`` (dense weights missing, see below) or ``up to date``
-  (one-shot table / sample-size figure / report newer than their inputs);
+- its **status**: ``done`` (its ``metrics.json`` exists: ``<results>/runs/<name>/`` for a recipe trained as
+  shipped, ``<results>/ablations/<name>/`` for a variant; one-shot: every setting of the step is in a JSON of
+  the folder its ``out`` JSON is in, ``<results>/oneshot/<model>/``, since a setting key does not name the
+  model), ``resumable`` (a Trainer checkpoint in the run's ``checkpoints/``, or part of a one-shot grid),
+  ``to run``, ``re-run`` (dense weights missing, see below) or ``up to date`` (one-shot table / sample-size
+  figure / report newer than their inputs);
 - its **exact command**, which is what runs: each step is its own process (``sys.executable -m ...``), so memory
   is returned between steps and the ``peak_rss_mib`` a run records is its own;
 - an **estimated time** on the 2-core CPU machine from the recipe's epochs and the plan's ``estimates`` (an
@@ -39,20 +40,29 @@ from typing import Any
 from prune_trainer.recipes.runner import last_checkpoint_step, load_recipe
 from prune_trainer.yaml_io import load_yaml
 
-DEFAULT_PLAN = "recipes/reproduce.yaml"
+DEFAULT_PLAN = str(Path(__file__).with_name("plan.yaml"))
+STUDY_ROOT = Path(__file__).resolve().parent.parent
+"""The folder that holds the ``study`` package (put on ``PYTHONPATH`` of every step's process)."""
 STEP_KINDS = ("recipe", "oneshot", "oneshot_table", "oneshot_samples", "report")
 ONESHOT_PAGE_KINDS = ("oneshot_table", "oneshot_samples")
 """Steps that write a markdown page (table / sample-size figure) from the grid JSONs of one folder."""
 STEP_KEYS = {"name", "set", "est_min_per_epoch", "est_min_per_setting", *STEP_KINDS}
+PLAN_KEYS = {"estimates", "recipe_dir", "steps"}
 DEFAULT_ESTIMATES: dict[str, float] = {
     "min_per_epoch": 8.0,  # embedded model, full CoNLL-2003, 2 CPU cores
     "min_per_epoch_distillation": 10.0,
     "min_per_oneshot_setting": 2.0,
     "train_sentences": 14041,
 }
-ONESHOT_GLOB = "oneshot_results*.json"
+ONESHOT_GLOB = "*.json"
+"""Grid JSONs of one dense model: ``<results>/oneshot/<model>/<method>.json``."""
+ONESHOT_DIR = "oneshot"
+RUNS_DIR = "runs"
+"""``<results>/runs/<name>``: a shipped recipe trained as committed."""
+ABLATIONS_DIR = "ablations"
+"""``<results>/ablations/<name>``: a variant (overrides or another name) of a recipe."""
 CLI_MODULE = "prune_trainer"
-ONESHOT_MODULE = "prune_trainer.oneshot.experiments"
+STUDY_MODULE = "study"
 
 Executor = Callable[["Step"], int]
 
@@ -99,13 +109,16 @@ class Step:
 
 # ---- plan ---------------------------------------------------------------------------------------------------
 def load_plan(path: str | os.PathLike) -> dict[str, Any]:
-    """Read and check a plan YAML: ``estimates`` (optional) and ``steps`` (a list of step mappings)."""
+    """Read and check a plan YAML: ``estimates`` and ``recipe_dir`` (where ``recipe:`` files are, relative to
+    the plan; default its own folder), both optional, and ``steps`` (a list of step mappings)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"plan {str(path)!r} does not exist")
     plan = load_yaml(path.read_text()) or {}
     if not isinstance(plan, dict) or not isinstance(plan.get("steps"), list) or not plan["steps"]:
         raise ValueError(f"plan {path} must be a mapping with a non-empty list 'steps'")
+    if set(plan) - PLAN_KEYS:
+        raise ValueError(f"plan {path}: unknown top-level key(s) {sorted(set(plan) - PLAN_KEYS)}")
     for i, spec in enumerate(plan["steps"], 1):
         if not isinstance(spec, dict):
             raise ValueError(f"plan {path}: step {i} must be a mapping, got {spec!r}")
@@ -146,7 +159,7 @@ def _producer(value: Any, recipe_steps: dict[str, int]) -> str | None:
 
 def _oneshot_keys(spec: dict[str, Any]) -> list[str]:
     """The grid setting keys (``method|level|owl|n<calib>|s<seed>``) a one-shot step produces."""
-    from prune_trainer.oneshot.experiments import setting_key
+    from study.oneshot_grid import setting_key
 
     owl_modes = {"no": [False], "yes": [True], "both": [False, True]}[spec.get("owl", "no")]
     keys = []
@@ -201,6 +214,74 @@ def _epochs_of(training: dict[str, Any]) -> str:
     return f"{epochs:g} epoch{'' if epochs == 1 else 's'}"
 
 
+@dataclass
+class _Plan:
+    """A plan read once: its recipe steps resolved, step names, where each run's results go, who needs whom."""
+
+    path: Path
+    spec: dict[str, Any]
+    results: Path
+    est: dict[str, float]
+    common_data: list[str]
+    epochs: float | None
+    recipes: dict[int, tuple[dict[str, Any], list[str], Path]]
+    names: list[str]
+    recipe_index: dict[str, int]
+    producers: set[str]
+    grid_state: dict[Path, tuple[list[Path], set[str]]] = field(default_factory=dict)
+
+    def grid_folder(self, folder: Path) -> tuple[list[Path], set[str]]:
+        """The grid JSONs of ``folder`` and their finished setting keys (read once per folder)."""
+        if folder not in self.grid_state:
+            self.grid_state[folder] = _existing_oneshot(folder)
+        return self.grid_state[folder]
+
+    def run_dir(self, name: str) -> Path:
+        """``<results>/runs/<name>`` for a recipe as shipped, ``<results>/ablations/<name>`` for a variant."""
+        recipe, _, path = self.recipes[self.recipe_index[name]]
+        return Path(recipe.get("output_dir") or self.results / _group(recipe, path) / name)
+
+    def earlier(self, dep: str, what: str, i: int) -> None:
+        """A step may only use the model of an earlier step."""
+        if self.recipe_index[dep] > i:
+            raise ValueError(f"plan {self.path}: step {self.names[i]!r} uses the {what} of step {dep!r}, "
+                             "which comes later")
+
+
+def _group(recipe: dict[str, Any], path: Path) -> str:
+    """``runs`` when the step trains its recipe file under that recipe's own name, else ``ablations``."""
+    return RUNS_DIR if recipe["name"] == load_recipe(path)["name"] else ABLATIONS_DIR
+
+
+def _read_plan(plan_path: Path, results_dir: str | os.PathLike, data_dir: str | None,
+               epochs: float | None) -> _Plan:
+    """Pass 1 over the plan: load every recipe step (with its overrides), name every step, find producers."""
+    spec = load_plan(plan_path)
+    recipe_dir = plan_path.parent / str(spec.get("recipe_dir", "."))  # an absolute path stays as it is
+    recipes: dict[int, tuple[dict[str, Any], list[str], Path]] = {}
+    names: list[str] = []
+    for i, step in enumerate(spec["steps"]):
+        if "recipe" in step:
+            path = recipe_dir / step["recipe"]
+            overrides = [str(o) for o in step.get("set") or []]
+            recipe = load_recipe(path, overrides + ([f"name={step['name']}"] if step.get("name") else []))
+            recipes[i] = (recipe, overrides, path)
+            names.append(recipe["name"])
+        else:
+            names.append(str(step["name"]) if "name" in step else next(k for k in STEP_KINDS if k in step))
+    dupes = {n for n in names if names.count(n) > 1}
+    if dupes:
+        raise ValueError(f"plan {plan_path}: step names must be unique, repeated: {sorted(dupes)}")
+    recipe_index = {recipes[i][0]["name"]: i for i in recipes}
+    producers = {str((step.get("oneshot") or {}).get("model_from")) for step in spec["steps"]}
+    for recipe, _, _ in recipes.values():
+        teacher = (recipe.get("distillation") or {}).get("teacher")
+        producers.update(filter(None, (_producer(recipe.get("init_from"), recipe_index),
+                                       _producer(teacher, recipe_index))))
+    return _Plan(plan_path, spec, Path(results_dir), {**DEFAULT_ESTIMATES, **(spec.get("estimates") or {})},
+                 ["--data-dir", str(data_dir)] if data_dir else [], epochs, recipes, names, recipe_index, producers)
+
+
 def build_steps(
     plan_path: str | os.PathLike = DEFAULT_PLAN,
     results_dir: str | os.PathLike = "results",
@@ -209,170 +290,166 @@ def build_steps(
     only: list[str] | None = None,
 ) -> list[Step]:
     """The plan's steps with their commands, statuses, estimates and whether each runs in this invocation."""
-    from prune_trainer.recipes.runner import DEFAULT_TRAINING
-
-    plan_path = Path(plan_path)
-    plan = load_plan(plan_path)
-    est = {**DEFAULT_ESTIMATES, **(plan.get("estimates") or {})}
-    results = Path(results_dir)
-    common_data = ["--data-dir", str(data_dir)] if data_dir else []
-    grid_state: dict[Path, tuple[list[Path], set[str]]] = {}  # folder → (grid JSONs, finished setting keys)
-
-    def grid_folder(folder: Path) -> tuple[list[Path], set[str]]:
-        if folder not in grid_state:
-            grid_state[folder] = _existing_oneshot(folder)
-        return grid_state[folder]
-
-    # Pass 1: names of the recipe steps (a step may only use the model of an earlier one).
-    recipes: dict[int, tuple[dict[str, Any], list[str], Path]] = {}
-    names: list[str] = []
-    for i, spec in enumerate(plan["steps"]):
-        if "recipe" in spec:
-            path = plan_path.parent / spec["recipe"]  # an absolute path stays as it is
-            overrides = [str(o) for o in spec.get("set") or []]
-            recipe = load_recipe(path, overrides + ([f"name={spec['name']}"] if spec.get("name") else []))
-            recipes[i] = (recipe, overrides, path)
-            names.append(recipe["name"])
-        elif "name" in spec:
-            names.append(str(spec["name"]))
-        else:
-            names.append(next(k for k in STEP_KINDS if k in spec))
-    dupes = {n for n in names if names.count(n) > 1}
-    if dupes:
-        raise ValueError(f"plan {plan_path}: step names must be unique, repeated: {sorted(dupes)}")
-    recipe_index = {recipes[i][0]["name"]: i for i in recipes}
-    producers = {str((spec.get("oneshot") or {}).get("model_from")) for spec in plan["steps"]}
-    for recipe, _, _ in recipes.values():
-        teacher = (recipe.get("distillation") or {}).get("teacher")
-        producers.update(filter(None, (_producer(recipe.get("init_from"), recipe_index),
-                                       _producer(teacher, recipe_index))))
-
+    plan = _read_plan(Path(plan_path), results_dir, data_dir, epochs)
     steps: list[Step] = []
-    for i, spec in enumerate(plan["steps"]):
-        name = names[i]
-
-        def earlier(dep: str, what: str, i: int = i, name: str = name) -> None:
-            if recipe_index[dep] > i:
-                raise ValueError(f"plan {plan_path}: step {name!r} uses the {what} of step {dep!r}, which comes later")
-
-        if i in recipes:
-            recipe, overrides, path = recipes[i]
-            argv = ["run", _display_path(path)]
-            for item in overrides:
-                argv += ["--set", item]
-            base_name = load_recipe(path)["name"]
-            if name != base_name:
-                argv += ["--name", name]
-            needs: list[str] = []
-            missing: list[str] = []
-            dist = recipe.get("distillation") or {}
-            for key, value in (("init_from", recipe.get("init_from")), ("distillation.teacher", dist.get("teacher"))):
-                dep = _producer(value, recipe_index)
-                if dep is not None:
-                    earlier(dep, f"model ({key})")
-                    needs.append(dep)
-                    wanted = str(results / dep / "model")
-                    if os.path.normpath(str(value)) != os.path.normpath(wanted):
-                        argv += ["--set", f"{key}={wanted}"]
-                elif isinstance(value, str) and key == "init_from" and not Path(value).exists():
-                    missing.append(value)
-            if epochs is not None:
-                argv += ["--set", f"training.num_train_epochs={epochs:g}"]
-            argv += [*common_data, "--results-dir", str(results)]
-            out = Path(recipe.get("output_dir") or results / name)
-            training = {**DEFAULT_TRAINING, **(recipe.get("training") or {})}
-            if epochs is not None:
-                training["num_train_epochs"] = epochs
-            steps_per_epoch = math.ceil(est["train_sentences"] / int(training["per_device_train_batch_size"]))
-            if training.get("max_steps", -1) not in (-1, None):
-                total_steps = int(training["max_steps"])
-            else:
-                total_steps = math.ceil(float(training["num_train_epochs"]) * steps_per_epoch)
-            per_epoch = spec.get("est_min_per_epoch") or (
-                est["min_per_epoch_distillation"] if recipe.get("distillation") else est["min_per_epoch"]
-            )
-            step = Step(name, "recipe", CLI_MODULE, argv, needs=sorted(set(needs)), model_dir=out / "model",
-                        missing_inputs=missing)
-            ckpt = last_checkpoint_step(out / "checkpoints")
-            step.resume_step = ckpt
-            step.estimate_min = total_steps / steps_per_epoch * float(per_epoch)
-            if ckpt is not None:
-                step.estimate_min *= max(0.0, 1.0 - ckpt / max(total_steps, 1))
-            if (out / "metrics.json").is_file():
-                step.status = "done"
-                step.detail = _done_detail(out / "metrics.json", training)
-                if name in producers and not _model_present(step.model_dir):
-                    step.detail = "; ".join(filter(None, [step.detail, f"weights {step.model_dir} absent (gitignored): "
-                                                          "trained again only if a step that needs them runs"]))
-            elif ckpt is not None:
-                step.status = "resumable"
-                step.detail = f"resumes from checkpoint-{ckpt} of {total_steps} steps"
+    for i, spec in enumerate(plan.spec["steps"]):
+        if i in plan.recipes:
+            steps.append(_recipe_step(plan, i))
         elif "oneshot" in spec:
-            os_spec = dict(spec["oneshot"])
-            if "method" not in os_spec or not os_spec.get("levels"):
-                raise ValueError(f"plan {plan_path}: one-shot step {name!r} needs 'method' and 'levels'")
-            needs = []
-            if os_spec.get("model_from"):
-                dep = str(os_spec["model_from"])
-                if dep not in recipe_index:
-                    raise ValueError(f"plan {plan_path}: step {name!r}: model_from {dep!r} is not a recipe step")
-                earlier(dep, "model (model_from)")
-                needs.append(dep)
-                model = str(results / dep / "model")
-            elif os_spec.get("model"):
-                model = str(os_spec["model"])
-            else:
-                raise ValueError(f"plan {plan_path}: one-shot step {name!r} needs 'model_from' or 'model'")
-            out_json = results / str(os_spec.get("out", "oneshot_results.json"))
-            if not fnmatch.fnmatchcase(out_json.name, ONESHOT_GLOB):
-                raise ValueError(f"plan {plan_path}: step {name!r}: out {out_json.name!r} must match {ONESHOT_GLOB}")
-            keys = _oneshot_keys(os_spec)
-            oneshot_files, oneshot_done = grid_folder(out_json.parent)
-            others = [str(p) for p in oneshot_files if p != out_json]
-            argv = ["grid", "--model", model, "--out", str(out_json), "--methods", str(os_spec["method"]),
-                    "--sparsities", ",".join(_levels(os_spec)), "--owl", str(os_spec.get("owl", "no")),
-                    "--calib", ",".join(map(str, _calibs(os_spec))), *common_data]
-            if others:
-                argv += ["--done", *others]
-            n_done = sum(k in oneshot_done for k in keys)
-            step = Step(name, "oneshot", ONESHOT_MODULE, argv, needs=needs, output=out_json)
-            step.status = "done" if n_done == len(keys) else ("resumable" if n_done else "to run")
-            step.detail = f"{n_done}/{len(keys)} settings in {out_json.parent / ONESHOT_GLOB}"
-            per = float(spec.get("est_min_per_setting") or est["min_per_oneshot_setting"])
-            step.estimate_min = (len(keys) - n_done) * per
+            steps.append(_oneshot_step(plan, i, dict(spec["oneshot"]), spec))
         elif any(k in spec for k in ONESHOT_PAGE_KINDS):
-            kind = next(k for k in ONESHOT_PAGE_KINDS if k in spec)
-            t_spec = dict(spec[kind] or {})
-            folder = results / str(t_spec.get("dir", "."))  # the grid JSONs of one dense model
-            outs = {s.output for s in steps if s.kind == "oneshot" and s.output and s.output.parent == folder}
-            inputs = sorted({*grid_folder(folder)[0], *outs})
-            if kind == "oneshot_table":
-                md = results / str(t_spec.get("md", "oneshot_table.md"))
-                argv = ["table", "--md", str(md), "--calib", str(int(t_spec.get("calib", 1024)))]  # --json: _finish
-                if t_spec.get("reference"):
-                    argv.append("--reference")
-                outputs = [md]
-            else:
-                md = results / str(t_spec.get("md", "oneshot_samples.md"))
-                png = results / str(t_spec.get("png", md.with_suffix(".png").name))
-                argv = ["samples", "--md", str(md), "--png", str(png)]  # --json: _finish_tables
-                outputs = [md, png]
-            step = Step(name, kind, ONESHOT_MODULE, argv, output=md, inputs=inputs)
-            if all(o.is_file() for o in outputs) and min(o.stat().st_mtime for o in outputs) >= _newest_mtime(inputs):
-                step.status, step.detail = "up to date", f"{md} is newer than its inputs"
-            step.estimate_min = 0.1
+            steps.append(_page_step(plan, i, spec, steps))
         else:
-            readme = results / "README.md"
-            step = Step(name, "report", CLI_MODULE, ["report", str(results)], output=readme)
-            inputs = [*results.glob("*/metrics.json"), *(p for p in results.glob("*.md") if p.name != "README.md")]
-            if readme.is_file() and readme.stat().st_mtime >= _newest_mtime(inputs):
-                step.status, step.detail = "up to date", f"{readme} is newer than every metrics.json"
-            step.estimate_min = 0.2
-        steps.append(step)
-
+            steps.append(_report_step(plan, i))
     _select(steps, only)
     _finish_tables(steps)
     return steps
+
+
+def _recipe_argv(plan: _Plan, i: int) -> tuple[list[str], list[str], list[str]]:
+    """``run <recipe> [--set ...] [--name ...]`` with the models of earlier steps rewritten to where they are;
+    also the names of those steps and the ``init_from`` paths that do not exist."""
+    recipe, overrides, path = plan.recipes[i]
+    name = plan.names[i]
+    argv = ["run", _display_path(path)]
+    for item in overrides:
+        argv += ["--set", item]
+    if name != load_recipe(path)["name"]:
+        argv += ["--name", name]
+    needs: list[str] = []
+    missing: list[str] = []
+    dist = recipe.get("distillation") or {}
+    for key, value in (("init_from", recipe.get("init_from")), ("distillation.teacher", dist.get("teacher"))):
+        dep = _producer(value, plan.recipe_index)
+        if dep is not None:
+            plan.earlier(dep, f"model ({key})", i)
+            needs.append(dep)
+            wanted = str(plan.run_dir(dep) / "model")
+            if os.path.normpath(str(value)) != os.path.normpath(wanted):
+                argv += ["--set", f"{key}={wanted}"]
+        elif isinstance(value, str) and key == "init_from" and not Path(value).exists():
+            missing.append(value)
+    if plan.epochs is not None:
+        argv += ["--set", f"training.num_train_epochs={plan.epochs:g}"]
+    argv += [*plan.common_data, "--results-dir", str(plan.run_dir(name).parent)]
+    return argv, sorted(set(needs)), missing
+
+
+def _recipe_step(plan: _Plan, i: int) -> Step:
+    """A training run: its command, status (done / resumable / to run) and estimated minutes."""
+    from prune_trainer.recipes.runner import DEFAULT_TRAINING
+
+    recipe = plan.recipes[i][0]
+    name, spec = plan.names[i], plan.spec["steps"][i]
+    argv, needs, missing = _recipe_argv(plan, i)
+    out = plan.run_dir(name)
+    training = {**DEFAULT_TRAINING, **(recipe.get("training") or {})}
+    if plan.epochs is not None:
+        training["num_train_epochs"] = plan.epochs
+    steps_per_epoch = math.ceil(plan.est["train_sentences"] / int(training["per_device_train_batch_size"]))
+    if training.get("max_steps", -1) not in (-1, None):
+        total_steps = int(training["max_steps"])
+    else:
+        total_steps = math.ceil(float(training["num_train_epochs"]) * steps_per_epoch)
+    per_epoch = spec.get("est_min_per_epoch") or (
+        plan.est["min_per_epoch_distillation"] if recipe.get("distillation") else plan.est["min_per_epoch"])
+    step = Step(name, "recipe", CLI_MODULE, argv, needs=needs, model_dir=out / "model", missing_inputs=missing)
+    ckpt = last_checkpoint_step(out / "checkpoints")
+    step.resume_step = ckpt
+    step.estimate_min = total_steps / steps_per_epoch * float(per_epoch)
+    if ckpt is not None:
+        step.estimate_min *= max(0.0, 1.0 - ckpt / max(total_steps, 1))
+    if (out / "metrics.json").is_file():
+        step.status = "done"
+        step.detail = _done_detail(out / "metrics.json", training)
+        if name in plan.producers and not _model_present(step.model_dir):
+            step.detail = "; ".join(filter(None, [step.detail, f"weights {step.model_dir} absent (gitignored): "
+                                                  "trained again only if a step that needs them runs"]))
+    elif ckpt is not None:
+        step.status = "resumable"
+        step.detail = f"resumes from checkpoint-{ckpt} of {total_steps} steps"
+    return step
+
+
+def _oneshot_model(plan: _Plan, i: int, os_spec: dict[str, Any]) -> tuple[str, list[str]]:
+    """The model a one-shot grid prunes (``model_from`` a recipe step, or a ``model`` path) and its producer."""
+    name = plan.names[i]
+    if "method" not in os_spec or not os_spec.get("levels"):
+        raise ValueError(f"plan {plan.path}: one-shot step {name!r} needs 'method' and 'levels'")
+    if os_spec.get("model_from"):
+        dep = str(os_spec["model_from"])
+        if dep not in plan.recipe_index:
+            raise ValueError(f"plan {plan.path}: step {name!r}: model_from {dep!r} is not a recipe step")
+        plan.earlier(dep, "model (model_from)", i)
+        return str(plan.run_dir(dep) / "model"), [dep]
+    if os_spec.get("model"):
+        return str(os_spec["model"]), []
+    raise ValueError(f"plan {plan.path}: one-shot step {name!r} needs 'model_from' or 'model'")
+
+
+def _oneshot_step(plan: _Plan, i: int, os_spec: dict[str, Any], spec: dict[str, Any]) -> Step:
+    """A one-shot grid of one method: done when every setting is in a grid JSON of its output folder."""
+    name = plan.names[i]
+    model, needs = _oneshot_model(plan, i, os_spec)
+    default_out = f"{ONESHOT_DIR}/{os_spec.get('model_from') or 'model'}/{os_spec['method']}.json"
+    out_json = plan.results / str(os_spec.get("out", default_out))
+    if not fnmatch.fnmatchcase(out_json.name, ONESHOT_GLOB):
+        raise ValueError(f"plan {plan.path}: step {name!r}: out {out_json.name!r} must match {ONESHOT_GLOB}")
+    keys = _oneshot_keys(os_spec)
+    oneshot_files, oneshot_done = plan.grid_folder(out_json.parent)
+    others = [str(p) for p in oneshot_files if p != out_json]
+    argv = ["oneshot-grid", "--model", model, "--out", str(out_json), "--methods", str(os_spec["method"]),
+            "--sparsities", ",".join(_levels(os_spec)), "--owl", str(os_spec.get("owl", "no")),
+            "--calib", ",".join(map(str, _calibs(os_spec))), *plan.common_data]
+    if others:
+        argv += ["--done", *others]
+    n_done = sum(k in oneshot_done for k in keys)
+    step = Step(name, "oneshot", STUDY_MODULE, argv, needs=needs, output=out_json)
+    step.status = "done" if n_done == len(keys) else ("resumable" if n_done else "to run")
+    step.detail = f"{n_done}/{len(keys)} settings in {out_json.parent / ONESHOT_GLOB}"
+    step.estimate_min = (len(keys) - n_done) * float(spec.get("est_min_per_setting")
+                                                     or plan.est["min_per_oneshot_setting"])
+    return step
+
+
+def _page_step(plan: _Plan, i: int, spec: dict[str, Any], steps: list[Step]) -> Step:
+    """A one-shot table or sample-size page from the grid JSONs of one folder; up to date when newer than them."""
+    kind = next(k for k in ONESHOT_PAGE_KINDS if k in spec)
+    t_spec = dict(spec[kind] or {})
+    if "dir" not in t_spec:
+        raise ValueError(f"plan {plan.path}: {kind} step {plan.names[i]!r} needs 'dir' (e.g. oneshot/dense)")
+    folder = plan.results / str(t_spec["dir"])  # the grid JSONs of one dense model
+    outs = {s.output for s in steps if s.kind == "oneshot" and s.output and s.output.parent == folder}
+    inputs = sorted({*plan.grid_folder(folder)[0], *outs})
+    if kind == "oneshot_table":
+        md = plan.results / str(t_spec.get("md", f"{folder.relative_to(plan.results)}/README.md"))
+        argv = ["oneshot-table", "--md", str(md), "--calib", str(int(t_spec.get("calib", 1024)))]  # --json: later
+        if t_spec.get("reference"):
+            argv.append("--reference")
+        outputs = [md]
+    else:
+        md = plan.results / str(t_spec.get("md", f"{folder.relative_to(plan.results)}/samples.md"))
+        png = plan.results / str(t_spec.get("png", md.with_suffix(".png").relative_to(plan.results)))
+        argv = ["oneshot-samples", "--md", str(md), "--png", str(png)]  # --json: _finish_tables
+        outputs = [md, png]
+    step = Step(plan.names[i], kind, STUDY_MODULE, argv, output=md, inputs=inputs)
+    if all(o.is_file() for o in outputs) and min(o.stat().st_mtime for o in outputs) >= _newest_mtime(inputs):
+        step.status, step.detail = "up to date", f"{md} is newer than its inputs"
+    step.estimate_min = 0.1
+    return step
+
+
+def _report_step(plan: _Plan, i: int) -> Step:
+    """``python -m study report``: up to date when its README is newer than every run's metrics and page."""
+    results = plan.results
+    readme = results / "README.md"
+    step = Step(plan.names[i], "report", STUDY_MODULE, ["report", str(results)], output=readme)
+    inputs = [*(p for group in (RUNS_DIR, ABLATIONS_DIR) for p in (results / group).glob("*/metrics.json")),
+              *results.glob(f"{ONESHOT_DIR}/*/*.json")]
+    if readme.is_file() and readme.stat().st_mtime >= _newest_mtime(inputs):
+        step.status, step.detail = "up to date", f"{readme} is newer than every metrics.json"
+    step.estimate_min = 0.2
+    return step
 
 
 def _finish_tables(steps: list[Step]) -> None:
@@ -498,7 +575,8 @@ def format_plan(steps: list[Step], plan_path: str | os.PathLike, results_dir: st
 # ---- execution ----------------------------------------------------------------------------------------------
 def subprocess_executor(step: Step) -> int:
     """Run the step's command in a child process (the default): its own memory peak, memory freed after."""
-    return subprocess.run(step.command(), check=False).returncode
+    path = os.pathsep.join(filter(None, [str(STUDY_ROOT), os.environ.get("PYTHONPATH")]))
+    return subprocess.run(step.command(), check=False, env={**os.environ, "PYTHONPATH": path}).returncode
 
 
 def in_process_executor(step: Step) -> int:
@@ -506,7 +584,7 @@ def in_process_executor(step: Step) -> int:
     if step.module == CLI_MODULE:
         from prune_trainer.cli import main
     else:
-        from prune_trainer.oneshot.experiments import main
+        from study.cli import main
     return int(main(list(step.argv)) or 0)
 
 
