@@ -75,8 +75,9 @@ def sparsity_curve(run: dict[str, Any]) -> tuple[list[int], list[float]]:
     return steps, values
 
 
-def results_table(runs: list[dict[str, Any]]) -> str:
-    """Markdown table: run, method, sparsity reached, F1 (and % of dense), epochs, wall time, device."""
+def results_table(runs: list[dict[str, Any]], superseded: dict[str, str] | None = None) -> str:
+    """Markdown table: run, method, sparsity reached, F1 (and % of dense), epochs, wall time, device;
+    ``superseded`` (run → the run that replaced it, from the index) marks a run as such."""
     dense = next((r for r in runs if r["name"] == "dense"), None)
     lines = [
         "| run | method | encoder sparsity | eval F1 | % of dense | test F1 | epochs | wall time | device |",
@@ -86,8 +87,10 @@ def results_table(runs: list[dict[str, Any]]) -> str:
         rel = f"{100 * run['eval_f1'] / dense['eval_f1']:.1f}%" if dense else "-"
         test = f"{run['test_f1']:.4f}" if "test_f1" in run else "-"
         wall = f"{run['wall_time_s'] / 60:.1f} min" if "wall_time_s" in run else "-"
+        later = (superseded or {}).get(run["name"])
+        note = f" (superseded by [{later}](runs/{later}/))" if later else ""
         lines.append(
-            f"| [{run['name']}]({run['folder']}/) | {_method(run)} | {run.get('sparsity', 0.0):.4f} | "
+            f"| [{run['name']}]({run['folder']}/){note} | {_method(run)} | {run.get('sparsity', 0.0):.4f} | "
             f"{run['eval_f1']:.4f} | {rel} | {test} | {_epochs(run)} | {wall} | {run.get('device', '-')} |"
         )
     return "\n".join(lines)
@@ -313,7 +316,7 @@ def plot_runs(runs: list[dict[str, Any]], out_dir: Path) -> list[Path]:
     return written
 
 
-def _header(runs: list[dict[str, Any]]) -> list[str]:
+def _header(runs: list[dict[str, Any]], superseded: dict[str, str]) -> list[str]:
     return [
         "# Results",
         "",
@@ -325,7 +328,7 @@ def _header(runs: list[dict[str, Any]]) -> list[str]:
            else "(validation split; the data directory had no test.txt)."),
         "Sparsity: fraction of zeros over the pruned encoder Linear weights, measured on the exported model.",
         "",
-        results_table(runs),
+        results_table(runs, superseded),
         "",
     ]
 
@@ -410,9 +413,10 @@ def write_report(results_dir: str | Path = "results") -> Path:
     runs = load_runs(results_dir)
     if not runs:
         raise FileNotFoundError(f"no {{runs,ablations}}/*/metrics.json with eval_f1 under {results_dir}")
-    write_index(results_dir)
+    index_json = write_index(results_dir)[0]
+    superseded = {e["run"]: e["superseded_by"] for e in json.loads(index_json.read_text()) if e["superseded_by"]}
     plots = plot_runs(runs, results_dir)
-    text = [*_header(runs), *_pivot_section(runs, results_dir), *_table1_section(runs, results_dir)]
+    text = [*_header(runs, superseded), *_pivot_section(runs, results_dir), *_table1_section(runs, results_dir)]
     for plot in plots:
         text += [f"![{plot.stem}]({plot.name})", ""]
     text += [*_costs_section(runs, results_dir), *_pages_section(results_dir)]

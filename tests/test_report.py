@@ -24,10 +24,14 @@ def test_report_table_and_plots(tmp_path, capsys):
     _write(tmp_path, "dense", 0.9, 0.0)
     _write(tmp_path, "magnitude_90", 0.81, 0.9, "magnitude")
     _write(tmp_path, "magnitude_80", 0.85, 0.8, "magnitude", group="ablations")
+    old = tmp_path / "ablations" / "magnitude_90_1ep"
+    _write(tmp_path, "magnitude_90_1ep", 0.7, 0.9, "magnitude", group="ablations")
+    metrics = json.loads((old / "metrics.json").read_text())
+    (old / "metrics.json").write_text(json.dumps({**metrics, "renamed_from": "magnitude_90 (1 epoch)"}))
     (tmp_path / "runs" / "notes_only").mkdir()  # a folder without metrics is ignored
     _write(tmp_path, "elsewhere", 0.5, 0.5, "magnitude", group="old")  # neither runs/ nor ablations/: ignored
     runs = load_runs(tmp_path)
-    assert [r["name"] for r in runs] == ["magnitude_80", "dense", "magnitude_90"]
+    assert [r["name"] for r in runs] == ["magnitude_80", "magnitude_90_1ep", "dense", "magnitude_90"]
     table = results_table(runs)
     assert "| [magnitude_90](runs/magnitude_90/) | magnitude | 0.9000 | 0.8100 | 90.0% |" in table
     assert "| [magnitude_80](ablations/magnitude_80/) | magnitude | 0.8000 | 0.8500 |" in table
@@ -38,7 +42,11 @@ def test_report_table_and_plots(tmp_path, capsys):
     assert "| [magnitude_90](runs/magnitude_90/) | magnitude | - | 10.0 min | - | - | - | - |" in readme  # old keys
     assert "[index.md](index.md)" in readme and (tmp_path / "index.md").is_file()
     index = json.loads((tmp_path / "index.json").read_text())
-    assert [e["folder"] for e in index] == ["ablations/magnitude_80", "runs/dense", "runs/magnitude_90"]
+    assert [e["folder"] for e in index] == ["ablations/magnitude_80", "ablations/magnitude_90_1ep", "runs/dense",
+                                            "runs/magnitude_90"]
+    # the report reads the index: a run another one replaced says so
+    assert ("| [magnitude_90_1ep](ablations/magnitude_90_1ep/) (superseded by [magnitude_90](runs/magnitude_90/)) |"
+            in readme)
     assert (tmp_path / "f1_vs_sparsity.png").stat().st_size > 1000
     assert (tmp_path / "sparsity_curves.png").stat().st_size > 1000
 
