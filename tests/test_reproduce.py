@@ -264,3 +264,19 @@ def test_shipped_plan_matches_the_committed_results():
     assert f"--results-dir {os.path.join(results, 'runs')}" in by_name["obert_90"].display_command()
     assert f"--results-dir {os.path.join(results, 'ablations')}" in by_name["magnitude_80"].display_command()
     assert by_name["oneshot_obs"].output == Path(results) / "oneshot" / "dense_emb64" / "obs.json"
+
+
+def test_subprocess_steps_find_the_study_from_any_working_directory(tmp_path, monkeypatch):
+    """Each step is its own `python -m study ...` process: it gets the repository root on PYTHONPATH."""
+    from study.reproduce import Step, subprocess_executor
+
+    grid = tmp_path / "grid.json"
+    grid.write_text(json.dumps({"dense": {"eval_f1": 0.9}, setting_key("wanda", "0.5", False, 16): {
+        "eval_f1": 0.8, "prune_time_s": 1.0, "solve_time_s": 0.1}}))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("PYTHONPATH", raising=False)
+    md = tmp_path / "table.md"
+    step = Step("table", "oneshot_table", "study", ["oneshot-table", "--json", str(grid), "--md", str(md),
+                                                    "--calib", "16"])
+    assert subprocess_executor(step) == 0
+    assert "| 50% | wanda | 0.800 |" in md.read_text()
