@@ -32,10 +32,17 @@ def _config_section(run: dict[str, Any], key: str) -> dict[str, Any]:
     return (run.get("config") or {}).get(key) or {}
 
 
+def _options(run: dict[str, Any]) -> dict[str, Any]:
+    """The method's options of a run's stored config: ``pruning.options`` (``pruning.method_kwargs`` in runs
+    recorded before that key was renamed)."""
+    pruning = _config_section(run, "pruning")
+    return pruning.get("options") or pruning.get("method_kwargs") or {}
+
+
 def _method(run: dict[str, Any]) -> str:
     pruning = _config_section(run, "pruning")
     method = pruning.get("method", "dense")
-    variant = (pruning.get("method_kwargs") or {}).get("variant")
+    variant = _options(run).get("variant")
     return f"{method}-{variant}" if variant else method
 
 
@@ -45,7 +52,7 @@ def _method_variant(run: dict[str, Any]) -> str:
     method = _method(run)
     if method != "obert":
         return method
-    kwargs = _config_section(run, "pruning").get("method_kwargs") or {}
+    kwargs = _options(run)
     parts = [f"m={kwargs['num_grads']}"] if kwargs.get("num_grads") is not None else []
     learning_rate = _config_section(run, "training").get("learning_rate")
     if learning_rate is not None:
@@ -99,7 +106,7 @@ def results_table(runs: list[dict[str, Any]], superseded: dict[str, str] | None 
 def _level(run: dict[str, Any]) -> str:
     """Column of the method × sparsity table: the N:M pattern, else the reached sparsity in percent."""
     pruning = _config_section(run, "pruning")
-    pattern = (pruning.get("schedule") or {}).get("pattern")
+    pattern = pruning.get("pattern") or (pruning.get("schedule") or {}).get("pattern")  # (older runs: schedule)
     if pattern and pattern != "unstructured":
         return str(pattern)
     return f"{round(100 * float(run.get('sparsity', 0.0)))}%"
@@ -108,7 +115,7 @@ def _level(run: dict[str, Any]) -> str:
 def _row_label(run: dict[str, Any]) -> str:
     """Row of the method × sparsity table: the method, with the N:M score (and a dynamic mask) spelled out."""
     pruning = _config_section(run, "pruning")
-    kwargs = pruning.get("method_kwargs") or {}
+    kwargs = _options(run)
     label = _method_variant(run)
     if pruning.get("method") == "nm":
         label = f"nm ({kwargs.get('score', 'magnitude')}{', ' + kwargs['dynamic'] if kwargs.get('dynamic') else ''})"

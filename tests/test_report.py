@@ -133,6 +133,13 @@ def test_method_sparsity_table_pivots_runs_and_oneshot(tmp_path):
         "config": {"training": {"num_train_epochs": 3, "learning_rate": 2.0e-4},
                    "pruning": {"method": "obert", "method_kwargs": {"num_grads": 64}}},
     }))
+    new_schema = tmp_path / "ablations" / "nm_2_4_sparsegpt"  # pattern and options on `pruning` (current schema)
+    new_schema.mkdir()
+    (new_schema / "metrics.json").write_text(json.dumps({
+        "name": "nm_2_4_sparsegpt", "eval_f1": 0.89, "sparsity": 0.5,
+        "config": {"training": {"num_train_epochs": 2},
+                   "pruning": {"method": "nm", "pattern": "2:4", "options": {"score": "sparsegpt"}}},
+    }))
     nm = tmp_path / "ablations" / "nm_2_4_wanda"
     nm.mkdir()
     (nm / "metrics.json").write_text(json.dumps({
@@ -154,6 +161,7 @@ def test_method_sparsity_table_pivots_runs_and_oneshot(tmp_path):
     assert "| obert (m=64, summed) | – | 0.8620 (95.8%, 3 ep) | – |" in table  # so is a non-default update
     assert "| obert (m=64, lr=2e-04) | – | 0.8730 (97.0%, 3 ep) | – |" in table  # and the learning rate
     assert "| nm (wanda) | – | – | 0.8800 (97.8%, 1 ep) |" in table
+    assert "| nm (sparsegpt) | – | – | 0.8900 (98.9%, 2 ep) |" in table
     assert "| one-shot sparsegpt | 0.6000 | – | – |" in table
     assert "| one-shot sparsegpt + OWL | 0.7000 (paper 0.791) | – | – |" in table  # reference of that setting only
     assert not any("0.6500" in line for line in table)
