@@ -9,7 +9,7 @@ selection alone (per-layer and global top-k via ``kthvalue``, vs a full sort) on
     python benchmarks/bench_movement.py                      # embedded MiniLM, batch 32 x 128 tokens
     python benchmarks/bench_movement.py --steps 4 --seq-len 32 --batch-size 8 --rounds 1   # quick check
 
-Target (issue 3): hard movement pruning step time ≤ 1.25 × dense.
+Target: hard movement pruning step time ≤ 1.25 × dense.
 """
 
 from __future__ import annotations

@@ -26,6 +26,7 @@ import random
 import resource
 import sys
 import time
+from dataclasses import dataclass
 
 import torch
 from transformers import DataCollatorForTokenClassification
@@ -85,7 +86,7 @@ def heldout_loss(model, sampler: GradientSampler, batches: int) -> float:
     return sum(losses) / len(losses)
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="embedded")
     p.add_argument("--num-grads", type=int, default=16)
@@ -104,8 +105,28 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-f1", action="store_true",
                    help="also the full-validation entity F1 after the one-shot step, per update mode (CoNLL only)")
     p.add_argument("--out", default=None, help="write <out>.json and <out>.md with the measurements")
-    a = p.parse_args(argv)
-    record: dict = {"command": " ".join(["python", *sys.argv]), "git_commit": git_commit(), "args": vars(a)}
+    return p.parse_args(argv)
+
+
+@dataclass
+class Setup:
+    """The model with masked target layers, its data samplers, and the sizes printed in the header."""
+
+    model: torch.nn.Module
+    tok: object
+    layers: dict
+    names: list[str]
+    sampler: GradientSampler
+    eval_sampler: GradientSampler
+    raw_valid: list | None
+    device: torch.device
+    source: str
+    d: int
+    fbytes: int
+
+
+def setup(a: argparse.Namespace) -> Setup:
+    """Load the model and data; print the device, data and the Fisher inverse's size."""
     if a.threads:
         torch.set_num_threads(a.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -115,75 +136,87 @@ def main(argv: list[str] | None = None) -> int:
     names = list(layers)[: a.max_layers] if a.max_layers else list(layers)
     train, valid, source, raw_valid = load_data(tok, a.samples, a.max_length)
     coll = DataCollatorForTokenClassification(tok)
-    sampler = GradientSampler(train, coll, a.grad_batch_size, seed=0)
-    eval_sampler = GradientSampler(valid, coll, 16, seed=1)
     d = sum(layers[n].weight.numel() for n in names)
     fbytes = sum(fisher_inverse_bytes(layers[n].weight.numel(), a.block_size) for n in names)
     print(f"device: {device} ({torch.get_num_threads()} threads); data: {source}; model: {a.model}")
     print(f"{len(names)} target layers, d={d:,} weights, B={a.block_size}, m={a.num_grads} gradients of "
           f"{a.grad_batch_size} sentences; Fisher inverse (float32, all layers) = {format_bytes(fbytes)}")
+    return Setup(model, tok, layers, names, GradientSampler(train, coll, a.grad_batch_size, seed=0),
+                 GradientSampler(valid, coll, 16, seed=1), raw_valid, device, source, d, fbytes)
 
-    # 1.-2. gradient collection and Fisher inverse. With Woodbury timed too, the m gradients are kept in memory
-    # (m·d·4 bytes) so both forms see the same ones; with --skip-woodbury they stream into the direct form.
-    params = [layers[n].weight for n in names]
-    grad_bytes = a.num_grads * d * 4
-    if not a.skip_woodbury:
-        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-        print(f"keeping {a.num_grads} gradients for the side-by-side Fisher timing: {format_bytes(grad_bytes)}")
-        if grad_bytes + 2 * fbytes > 0.8 * total:
-            raise SystemExit(
-                f"--num-grads {a.num_grads} needs {format_bytes(grad_bytes)} of stored gradients plus "
-                f"{format_bytes(2 * fbytes)} of Fisher blocks, more than 80% of this machine's "
-                f"{format_bytes(total)}: pass --skip-woodbury (gradients then stream into the direct form)"
-            )
-    times = {"woodbury": 0.0, "direct": 0.0}
-    worst = 0.0
-    finvs: dict[str, BlockFisherInverse] = {}
-    t_fisher_stream = 0.0
+
+def check_memory(a: argparse.Namespace, st: Setup) -> None:
+    """With Woodbury timed too, the m gradients are kept (m·d·4 bytes): refuse when that would not fit."""
     if a.skip_woodbury:
-        finvs = {
-            n: BlockFisherInverse(layers[n].weight.numel(), a.block_size, a.num_grads, a.damp, "direct", device=device)
-            for n in names
-        }
-    grads = [[] for _ in names]
+        return
+    grad_bytes = a.num_grads * st.d * 4
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    print(f"keeping {a.num_grads} gradients for the side-by-side Fisher timing: {format_bytes(grad_bytes)}")
+    if grad_bytes + 2 * st.fbytes > 0.8 * total:
+        raise SystemExit(
+            f"--num-grads {a.num_grads} needs {format_bytes(grad_bytes)} of stored gradients plus "
+            f"{format_bytes(2 * st.fbytes)} of Fisher blocks, more than 80% of this machine's "
+            f"{format_bytes(total)}: pass --skip-woodbury (gradients then stream into the direct form)"
+        )
 
-    def flush(bufs: list[list[torch.Tensor]], fisher: dict[str, BlockFisherInverse]) -> float:
+
+def _new_fisher(a: argparse.Namespace, st: Setup, name: str, form: str) -> BlockFisherInverse:
+    return BlockFisherInverse(st.layers[name].weight.numel(), a.block_size, a.num_grads, a.damp, form,
+                              device=st.device)
+
+
+def collect_gradients(a: argparse.Namespace, st: Setup, record: dict
+                      ) -> tuple[list[list[torch.Tensor]], dict[str, BlockFisherInverse], float]:
+    """1. The m gradients: kept per layer, or (``--skip-woodbury``) streamed in chunks into direct Fisher
+    inverses; returns the kept gradients, the streamed inverses and the seconds spent in those Fisher calls."""
+    params = [st.layers[n].weight for n in st.names]
+    finvs = {n: _new_fisher(a, st, n, "direct") for n in st.names} if a.skip_woodbury else {}
+    grads: list[list[torch.Tensor]] = [[] for _ in st.names]
+    t_fisher = 0.0
+
+    def flush() -> float:
         """One batched Fisher call per layer for the buffered chunk; returns its time."""
         t_f = time.perf_counter()
-        for n, buf in zip(names, bufs, strict=True):
-            fisher[n].add_grads(torch.stack(buf))
+        for n, buf in zip(st.names, grads, strict=True):
+            finvs[n].add_grads(torch.stack(buf))
             buf.clear()
         return time.perf_counter() - t_f
 
     t = time.perf_counter()
-    for gs in sampler.sample(model, params, a.num_grads, round_key=0):
+    for gs in st.sampler.sample(st.model, params, a.num_grads, round_key=0):
         for buf, g in zip(grads, gs, strict=True):
             buf.append(g)
         if a.skip_woodbury and len(grads[0]) == a.grad_chunk:
-            t_fisher_stream += flush(grads, finvs)
+            t_fisher += flush()
     if a.skip_woodbury and grads[0]:  # the last, partial chunk (whatever number of gradients the sampler gave)
-        t_fisher_stream += flush(grads, finvs)
-    t_collect = time.perf_counter() - t - t_fisher_stream
-    record.update(device=f"{device} ({torch.get_num_threads()} threads)", data=source, layers=len(names), d=d,
-                  fisher_bytes=fbytes, collect_s=t_collect)
+        t_fisher += flush()
+    t_collect = time.perf_counter() - t - t_fisher
+    record.update(device=f"{st.device} ({torch.get_num_threads()} threads)", data=st.source, layers=len(st.names),
+                  d=st.d, fisher_bytes=st.fbytes, collect_s=t_collect)
     print(f"\n[collect] {t_collect:.2f} s for {a.num_grads} gradients = {t_collect / a.num_grads:.3f} s/gradient")
+    return grads, finvs, t_fisher
 
+
+def fisher_inverses(a: argparse.Namespace, st: Setup, record: dict) -> dict[str, BlockFisherInverse]:
+    """2. Fisher inverses: streamed direct form, or Woodbury vs direct on the same gradients, one layer at a
+    time (peak = one layer's blocks), with their max relative disagreement."""
+    grads, finvs, t_fisher = collect_gradients(a, st, record)
+    times = {"woodbury": 0.0, "direct": 0.0}
+    worst = 0.0
     if a.skip_woodbury:
         t = time.perf_counter()
         for f in finvs.values():
             f.finalize()
-        times["direct"] = t_fisher_stream + time.perf_counter() - t
-    else:  # Woodbury vs direct, same gradients, one layer at a time (peak = one layer's blocks)
-        grads = [torch.stack(g) for g in grads]
-        for i, n in enumerate(names):
-            built = {}
+        times["direct"] = t_fisher + time.perf_counter() - t
+    else:
+        for n, layer_grads in zip(st.names, grads, strict=True):
+            stacked, built = torch.stack(layer_grads), {}
             for form in ("direct", "woodbury"):
                 t = time.perf_counter()
-                f = BlockFisherInverse(layers[n].weight.numel(), a.block_size, a.num_grads, a.damp, form, device=device)
-                f.add_grads(grads[i])
-                f.finalize()
+                built[form] = _new_fisher(a, st, n, form)
+                built[form].add_grads(stacked)
+                built[form].finalize()
                 times[form] += time.perf_counter() - t
-                built[form] = f
             ref, other = built["direct"].blocks, built["woodbury"].blocks
             worst = max(worst, float((other - ref).abs().max() / ref.abs().max()))
             finvs[n] = built["direct"]
@@ -193,65 +226,86 @@ def main(argv: list[str] | None = None) -> int:
         "" if a.skip_woodbury else
         f" | woodbury {times['woodbury']:.2f} s | woodbury/direct = {times['woodbury'] / times['direct']:.2f}x"
         f" | max |ΔF⁻¹|/max|F⁻¹| = {worst:.2e}"))
-    del grads
+    return finvs
 
-    # 3. scores, masks, updates (same masks for every update mode)
+
+def score_and_update(a: argparse.Namespace, st: Setup, finvs: dict[str, BlockFisherInverse], record: dict
+                     ) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor]]]:
+    """3. Scores ``w² / (2 [F⁻¹]_ii)``, one global mask, and the weights after each update mode (same masks)."""
     t = time.perf_counter()
-    scores = {n: obs_scores(layers[n].weight, finvs[n]) for n in names}
+    scores = {n: obs_scores(st.layers[n].weight, finvs[n]) for n in st.names}
     masks = select_masks(scores, a.sparsity, "global")
     t_score = time.perf_counter() - t
     new_w, t_upd = {}, {}
     for mode in ("none", "summed", "joint"):
         t = time.perf_counter()
-        new_w[mode] = {n: obs_update(layers[n].weight, ~masks[n], finvs[n], mode) for n in names}
+        new_w[mode] = {n: obs_update(st.layers[n].weight, ~masks[n], finvs[n], mode) for n in st.names}
         t_upd[mode] = time.perf_counter() - t
     record.update(score_s=t_score, update_summed_s=t_upd["summed"], update_joint_s=t_upd["joint"])
     print(f"[score] {t_score:.2f} s | [update] summed {t_upd['summed']:.2f} s, joint {t_upd['joint']:.2f} s "
           f"(joint/summed = {t_upd['joint'] / max(t_upd['summed'], 1e-9):.2f}x)")
+    return masks, new_w
 
-    # 4. held-out loss after the one-shot step, per update mode
-    base = heldout_loss(model, eval_sampler, a.eval_batches)
+
+def evaluate_updates(a: argparse.Namespace, st: Setup, masks: dict[str, torch.Tensor],
+                     new_w: dict[str, dict[str, torch.Tensor]], record: dict) -> None:
+    """4. Held-out loss (and with ``--eval-f1`` the validation F1) after the one-shot step, per update mode."""
+    with_f1 = a.eval_f1 and st.raw_valid is not None
+    base = heldout_loss(st.model, st.eval_sampler, a.eval_batches)
     line = [f"dense {base:.4f}"]
     record["heldout_loss"] = {"dense": base}
     f1s: dict[str, float] = {}
-    if a.eval_f1 and raw_valid is not None:
-        f1s["dense"] = evaluate_f1(model, tok, raw_valid, max_length=a.max_length)["f1"]
+    if with_f1:
+        f1s["dense"] = evaluate_f1(st.model, st.tok, st.raw_valid, max_length=a.max_length)["f1"]
     for mode, ws in new_w.items():
-        m = copy.deepcopy(model)
+        m = copy.deepcopy(st.model)
         ml = {k: v for k, v in m.named_modules() if k in ws}
         with torch.no_grad():
             for n, w in ws.items():
                 ml[n].weight.copy_(w * masks[n])  # pruned weights exactly zero in every mode
-        record["heldout_loss"][mode] = heldout_loss(m, eval_sampler, a.eval_batches)
+        record["heldout_loss"][mode] = heldout_loss(m, st.eval_sampler, a.eval_batches)
         line.append(f"{mode} {record['heldout_loss'][mode]:.4f}")
-        if a.eval_f1 and raw_valid is not None:
-            f1s[mode] = evaluate_f1(m, tok, raw_valid, max_length=a.max_length)["f1"]
+        if with_f1:
+            f1s[mode] = evaluate_f1(m, st.tok, st.raw_valid, max_length=a.max_length)["f1"]
         del m
     print(f"[loss @ {a.sparsity:.0%} one-shot, {a.eval_batches} held-out batches] " + " | ".join(line))
     if f1s:
         record["validation_f1"] = f1s
         print(f"[validation F1 @ {a.sparsity:.0%} one-shot, no fine-tuning] "
               + " | ".join(f"{k} {v:.4f}" for k, v in f1s.items()))
-    del finvs, new_w
 
-    # 5. one full callback step (collect → Fisher → score → joint update), all target layers at once
+
+def callback_step(a: argparse.Namespace, st: Setup, record: dict) -> None:
+    """5. One full callback step (collect → Fisher → score → joint update), all target layers at once; peak memory."""
     cb = OBERTPruningCallback(
-        model, num_grads=a.num_grads, block_size=a.block_size, damp=a.damp, grad_batch_size=a.grad_batch_size,
-        sampler=sampler, verbose=True,
+        st.model, num_grads=a.num_grads, block_size=a.block_size, damp=a.damp, grad_batch_size=a.grad_batch_size,
+        sampler=st.sampler, verbose=True,
     )
     if a.max_layers:
-        cb.layers = {n: cb.layers[n] for n in names}
+        cb.layers = {n: cb.layers[n] for n in st.names}
     t = time.perf_counter()
     cb.prune_step(a.sparsity)
     total = time.perf_counter() - t
     s = cb.stats[-1]
     print(f"[prune_step] total {total:.2f} s: collect {s['collect_s']:.2f} | fisher {s['fisher_s']:.2f} | "
           f"score {s['score_s']:.2f} | update {s['update_s']:.2f}")
-    if device.type == "cuda":
+    if st.device.type == "cuda":
         print(f"[memory] peak GPU allocated {format_bytes(torch.cuda.max_memory_allocated())}")
     print(f"[memory] peak RSS of this process {format_bytes(peak_rss())}")
     record.update(prune_step={"total_s": total, **{k: s[k] for k in ("collect_s", "fisher_s", "score_s", "update_s")}},
                   peak_rss_bytes=peak_rss())
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse_args(argv)
+    record: dict = {"command": " ".join(["python", *sys.argv]), "git_commit": git_commit(), "args": vars(a)}
+    st = setup(a)
+    check_memory(a, st)
+    finvs = fisher_inverses(a, st, record)
+    masks, new_w = score_and_update(a, st, finvs, record)
+    evaluate_updates(a, st, masks, new_w, record)
+    del finvs, new_w
+    callback_step(a, st, record)
     if a.out:
         write_record(record, a.out)
     return 0

@@ -1,5 +1,4 @@
-"""Command line: ``python -m prune_trainer run recipes/<name>.yaml [--set key=value ...]``, ``oneshot``,
-``reproduce`` (the whole study, ``recipes/reproduce.yaml``) and ``report``."""
+"""Command line: ``python -m prune_trainer run recipes/<name>.yaml [--set key=value ...]`` and ``oneshot``."""
 
 from __future__ import annotations
 
@@ -40,46 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="delete an existing output folder and start over (default: resume it, same recipe only)")
     run.set_defaults(func=_run)
     _add_oneshot_parser(sub)
-
-    _add_reproduce_parser(sub)
-
-    report = sub.add_parser("report", help="write <results>/README.md and plots from the runs' metrics.json")
-    report.add_argument("results_dir", nargs="?", default="results")
-    report.set_defaults(func=_report)
     return parser
-
-
-def _add_reproduce_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "reproduce",
-        help="run the whole study (plan: recipes/reproduce.yaml), skipping finished steps, resuming interrupted ones",
-    )
-    p.add_argument("--plan", default="recipes/reproduce.yaml", help="plan YAML (default: recipes/reproduce.yaml)")
-    p.add_argument("--results-dir", default="results", help="root of results (default: results)")
-    p.add_argument("--data-dir", help="CoNLL-2003 directory (default: $PRUNE_TRAINER_CONLL_DIR, else the hub)")
-    p.add_argument("--dry-run", action="store_true", help="print the ordered plan, statuses and commands; run nothing")
-    p.add_argument("--only", action="append", metavar="PATTERN",
-                   help="only steps whose name matches this glob (comma-separated or repeated), plus what they need")
-    p.add_argument("--epochs", type=float, help="override num_train_epochs of every training step")
-    p.add_argument("--in-process", action="store_true",
-                   help="run the steps in this process instead of one child process each (debugging)")
-    p.set_defaults(func=_reproduce)
-
-
-def _reproduce(args: argparse.Namespace) -> int:
-    from prune_trainer.recipes.reproduce import in_process_executor, reproduce, subprocess_executor
-
-    return reproduce(
-        args.plan, args.results_dir, args.data_dir, dry_run=args.dry_run, only=args.only, epochs=args.epochs,
-        executor=in_process_executor if args.in_process else subprocess_executor,
-    )
-
-
-def _report(args: argparse.Namespace) -> int:
-    from prune_trainer.reporting.report import write_report
-
-    print(f"wrote {write_report(args.results_dir)}")
-    return 0
 
 
 def _oneshot(args: argparse.Namespace) -> int:

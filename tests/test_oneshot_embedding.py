@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from prune_trainer.oneshot.embedding_factorization import (
+from prune_trainer.factorization import (
     FactorizedEmbedding,
     factorize_word_embeddings,
     merge_word_embeddings,

@@ -79,9 +79,6 @@ def export_pruned_model(
     path = Path(path)
     layer_names = list(masked_layers(model)) or None
     unwrap_masked_layers(model)
-    for module in model.modules():  # drop training-only attributes set by callbacks
-        if hasattr(module, "_prune_trainer_target"):
-            del module._prune_trainer_target
     report = sparsity_report(model, layer_names, method=method, pattern=pattern, config=config)
     with atomic_dir(path) as tmp:
         model.save_pretrained(tmp)

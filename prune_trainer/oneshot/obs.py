@@ -10,7 +10,7 @@ steps are kept as ``V`` (``H⁻¹_cur = H⁻¹_base − V Vᵀ``, ``v = H⁻¹[:
 ``O(d·lazy)``; they are folded into ``H⁻¹_base`` with one batched GEMM per ``lazy`` steps, after which
 every time a quarter of the current inputs is pruned, those are dropped (the matrices shrink).
 Cost per layer: ``O(rows·d³)`` in the folds plus ``O(rows·d²·lazy)`` in the steps (timings:
-``results/benchmarks/oneshot_layer_times.md``).
+``results/benchmarks/analyses/oneshot_layer_times.md``).
 """
 
 from __future__ import annotations

@@ -205,8 +205,8 @@ def run_recipe(
         window_sentences,
     )
     from prune_trainer.export import export_pruned_model
+    from prune_trainer.factorization import factorize_word_embeddings, merge_word_embeddings
     from prune_trainer.models import load_model_and_tokenizer
-    from prune_trainer.oneshot.embedding_factorization import factorize_word_embeddings, merge_word_embeddings
 
     start = time.time()
     commit = git_commit()  # the code that runs is the code checked out now
