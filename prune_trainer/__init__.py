@@ -2,6 +2,7 @@
 
 from prune_trainer.callbacks import (
     DistillationCallback,
+    FiniteCheckCallback,
     MagnitudeOptions,
     MagnitudePruningCallback,
     MethodNeeds,
@@ -32,6 +33,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "DistillationCallback",
+    "FiniteCheckCallback",
     "MagnitudeOptions",
     "MagnitudePruningCallback",
     "MaskedLinear",

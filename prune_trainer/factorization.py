@@ -1,4 +1,5 @@
-"""Low-rank word embeddings (deep-dive §5.1: BERT's embeddings factorized to rank 64 before fine-tuning).
+"""Low-rank word embeddings: BERT's word embeddings replaced by rank-r SVD factors before fine-tuning (as
+ALBERT's factorized embedding parameterization, Lan et al. 2020; e.g. r = 64).
 
 ``E ≈ A B`` with ``A = U_r Σ_r`` (``vocab × r``) and ``B = V_rᵀ`` (``r × hidden``) from the truncated
 SVD ``E = U Σ Vᵀ`` — the best rank-``r`` approximation in Frobenius norm (Eckart–Young).

@@ -2,6 +2,7 @@
 
 from prune_trainer.callbacks.base import MethodNeeds, PruningCallback, PruningContext
 from prune_trainer.callbacks.distillation import DistillationCallback
+from prune_trainer.callbacks.finite import FiniteCheckCallback
 from prune_trainer.callbacks.magnitude import MagnitudeOptions, MagnitudePruningCallback
 from prune_trainer.callbacks.movement import MovementOptions, MovementPruningCallback
 from prune_trainer.callbacks.nm import NMOptions, NMSparsityCallback
@@ -19,6 +20,7 @@ from prune_trainer.callbacks.taylor import TaylorOptions, TaylorPruningCallback
 __all__ = [
     "PRUNING_CALLBACKS",
     "DistillationCallback",
+    "FiniteCheckCallback",
     "MagnitudeOptions",
     "MagnitudePruningCallback",
     "MethodNeeds",

@@ -1,6 +1,6 @@
 """`OBERTPruningCallback`: gradual second-order pruning with a block-diagonal empirical Fisher (oBERT).
 
-At each pruning step of the schedule (Kurtic et al. 2022, "The Optimal BERT Surgeon"; deep-dive §7):
+At each pruning step of the schedule (Kurtic et al. 2022, "The Optimal BERT Surgeon", §3):
 collect m mini-batch gradients of the target layers from the training data → build the block-diagonal
 Fisher inverse per layer → score ``ρ = w²/(2[F⁻¹]_ii)`` → select masks (global or per layer; pruned
 weights stay pruned) → OBS-update the remaining weights of each block (joint solve by default, or the

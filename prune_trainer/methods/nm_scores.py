@@ -4,7 +4,7 @@
 - Wanda: ``|W_ij| · ‖X_j‖₂`` with ``X_j`` the j-th input feature over calibration tokens (Sun et al. 2023, eq. 1);
   within a group of M inputs of one output row this compares the weights' contributions to the output.
 - movement: the layer's learned movement scores ``S`` (Sanh et al. 2020, §3), when a movement callback left them.
-- second-order (oBERT, Kurtic et al. 2022; set-Q OBS equations in the deep-dive paper §7.5): for each group of
+- second-order (oBERT, Kurtic et al. 2022, eq. 5–6 for a set Q of weights): for each group of
   M weights choose the M−N to prune that minimise ``½ w_Qᵀ ([F⁻¹]_QQ)⁻¹ w_Q``, with ``F`` the empirical Fisher
   of a block of B consecutive weights (B a multiple of M; the Fisher inverse and the joint update come from
   `prune_trainer.methods.obert`), then update each block's kept weights jointly:

@@ -2,8 +2,9 @@
 
 Every per-layer pruner is a pure function ``prune(W, stats, sparsity, prunen=0, prunem=0, **kw)``
 returning ``(W_pruned, keep_mask)``; ``W`` is ``(out_features, in_features)`` and the layer computes
-``W x``. The layer-wise objective (OBS / SparseGPT, deep-dive §2–3) is ``‖W X − Ŵ X‖²`` whose
-Hessian with respect to each row is ``H = 2 X Xᵀ`` (``X``: ``in_features × tokens``).
+``W x``. The layer-wise objective (Frantar & Alistarh 2022, "Optimal Brain Compression"; SparseGPT, Frantar &
+Alistarh 2023) is ``‖W X − Ŵ X‖²`` whose Hessian with respect to each row is ``H = 2 X Xᵀ``
+(``X``: ``in_features × tokens``).
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
-"""OWL layer-wise sparsity (Yin et al. 2024; deep-dive §4): layers with more Wanda-score outliers are
-pruned less.
+"""OWL layer-wise sparsity (Yin et al. 2024, "Outlier Weighed Layerwise Sparsity"): layers with more Wanda-score
+outliers are pruned less.
 
 Outlier ratio of layer ``l``: ``D_l = P(A > M · mean A)`` over its Wanda scores ``A = |W|·‖X‖``.
-Allocation (deep-dive §4): ``S_l = α (1 − D_l)`` with ``α`` chosen so the parameter-weighted mean
+Allocation (Yin et al. 2024): ``S_l = α (1 − D_l)`` with ``α`` chosen so the parameter-weighted mean
 ``Σ_l n_l S_l / Σ_l n_l`` equals the target ``S``. Optional ``lam`` bounds every ``S_l`` to
 ``[S − λ, S + λ]`` as the original OWL does; ``α`` is then found by bisection on the clipped sum.
 """

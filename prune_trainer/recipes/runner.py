@@ -3,7 +3,8 @@
 A recipe has the keys ``name``, ``model``, ``init_from``, ``data``, ``training`` (any
 `TrainingArguments` field), ``pruning`` (a `PruningConfig`, or null for dense), ``output_dir``,
 ``factorize_embeddings`` (a rank r: train with the word embeddings replaced by their rank-r SVD factors
-``A B``, deep-dive §5.1; the exported checkpoint holds the plain product, loadable as a standard BERT) and
+``A B``, as ALBERT's factorized embeddings, Lan et al. 2020; the exported checkpoint holds the plain product,
+loadable as a standard BERT) and
 ``on_nonfinite`` (``error``: a NaN/inf loss or gradient stops the run, nothing is exported; ``skip``).
 ``--set a.b=value`` overrides any key (value parsed as YAML; ``2e-4`` is a float, `load_yaml`).
 

@@ -4,7 +4,7 @@ The flattened weight vector (length d) is split into ``S = ⌈d/B⌉`` blocks of
 (the tail block zero-padded). Each block keeps ``F⁻¹ = (λI + (1/m) Σ_q g_q g_qᵀ)⁻¹`` over its B
 coordinates, built either
 
-- by the Woodbury / Sherman–Morrison rank-1 recursion from ``F₀⁻¹ = I/λ`` (deep-dive §7.4; oBERT §3.1):
+- by the Woodbury / Sherman–Morrison rank-1 recursion from ``F₀⁻¹ = I/λ`` (Kurtic et al. 2022, §3):
   ``F⁻¹ ← F⁻¹ − (F⁻¹g)(F⁻¹g)ᵀ / (m + gᵀF⁻¹g)``, one batched op over all S blocks per gradient; or
 - directly: accumulate ``GᵀG`` per block (one batched matmul per chunk of gradients), then one batched
   Cholesky inverse of ``λI + GᵀG/m``.

@@ -1,10 +1,11 @@
 """OBS saliency scores and weight updates with a block-diagonal Fisher inverse (oBERT, Kurtic et al. 2022).
 
-With the local quadratic model ``δL ≈ ½ δwᵀ F δw`` (deep-dive §7.2, eq. 10):
+With the local quadratic model ``δL ≈ ½ δwᵀ F δw`` (OBS's second-order Taylor model, Hassibi & Stork 1993;
+Kurtic et al. 2022, §3):
 
 - score of weight i (the loss increase of pruning it alone, best compensation; OBS, Hassibi & Stork 1993):
-  ``ρ_i = w_i² / (2 [F⁻¹]_ii)`` (deep-dive §7.5; oBERT eq. 5);
-- joint update for a set Q of pruned weights in a block (deep-dive §7.5, "unified equation"):
+  ``ρ_i = w_i² / (2 [F⁻¹]_ii)`` (Kurtic et al. 2022, eq. 5);
+- joint update for a set Q of pruned weights in a block (OBS for several weights at once, Hassibi & Stork 1993):
   ``Δw = −F⁻¹_{:,Q} (F⁻¹_{QQ})⁻¹ w_Q`` — the exact minimiser of ``½ δwᵀ F δw`` s.t. ``(w + δw)_Q = 0``;
 - the reference's summed single-weight form (oBERT eq. 6, SparseML): ``Δw = −F⁻¹ (w_Q / diag(F⁻¹)_Q)``,
   which equals the joint one only when ``F⁻¹_{QQ}`` is diagonal.
