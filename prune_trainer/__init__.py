@@ -32,36 +32,19 @@ from prune_trainer.schedules import PruningSchedule
 __version__ = "0.1.0"
 
 __all__ = [
-    "DistillationCallback",
-    "FiniteCheckCallback",
-    "MagnitudeOptions",
-    "MagnitudePruningCallback",
-    "MaskedLinear",
-    "MethodNeeds",
-    "MovementOptions",
-    "MovementPruningCallback",
-    "NMOptions",
-    "NMSparsityCallback",
-    "OBERTOptions",
-    "OBERTPruningCallback",
-    "OneShotConfig",
-    "Options",
-    "PruningCallback",
-    "PruningConfig",
-    "PruningContext",
-    "PruningSchedule",
-    "SparsityLoggingCallback",
-    "TaylorOptions",
-    "TaylorPruningCallback",
-    "export_pruned_model",
-    "inject_masked_layers",
-    "load_conll_splits",
-    "load_model_and_tokenizer",
-    "make_compute_metrics",
-    "make_pruning_callback",
-    "register_method",
-    "run_oneshot",
-    "sparsity_report",
-    "tokenize_and_align",
-    "unwrap_masked_layers",
+    # training-time methods and their options
+    "PruningCallback", "MethodNeeds", "PruningContext", "make_pruning_callback", "register_method",
+    "MagnitudePruningCallback", "MagnitudeOptions", "MovementPruningCallback", "MovementOptions",
+    "OBERTPruningCallback", "OBERTOptions", "NMSparsityCallback", "NMOptions",
+    "TaylorPruningCallback", "TaylorOptions",
+    # other callbacks
+    "DistillationCallback", "FiniteCheckCallback", "SparsityLoggingCallback",
+    # configuration
+    "Options", "PruningConfig", "PruningSchedule",
+    # masking and export
+    "MaskedLinear", "inject_masked_layers", "unwrap_masked_layers", "export_pruned_model", "sparsity_report",
+    # one-shot pruning
+    "OneShotConfig", "run_oneshot",
+    # models and data
+    "load_model_and_tokenizer", "load_conll_splits", "tokenize_and_align", "make_compute_metrics",
 ]

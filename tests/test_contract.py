@@ -199,3 +199,13 @@ def test_selection_never_keeps_non_finite_scores_over_finite_ones():
     assert glob["b"].tolist() == [[False, False]]
     nm = nm_mask(scores, 2, 4)
     assert nm.tolist() == [[False, True, False, True], [False, True, True, False]]
+
+
+def test_oneshot_config_is_typed_and_checks_the_pruner_options():
+    from prune_trainer import OneShotConfig
+
+    assert OneShotConfig(model="m", method="obs", options={"lazy": 64}).options == {"lazy": 64}
+    with pytest.raises(ValueError, match=r"unknown obs pruner options key\(s\) 'lazzy' \(did you mean 'lazy'\?\)"):
+        OneShotConfig(model="m", method="obs", options={"lazzy": 64})
+    with pytest.raises(ValueError, match="calib_samples must be int, got 'many'"):
+        OneShotConfig(model="m", calib_samples="many")

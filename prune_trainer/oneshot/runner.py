@@ -5,6 +5,7 @@ The model must be a token-classification checkpoint with CoNLL's 9 labels (check
 
 from __future__ import annotations
 
+import inspect
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -22,12 +23,20 @@ from prune_trainer.oneshot.calibration import calibration_batches, prune_sequent
 from prune_trainer.oneshot.evaluation import evaluate_f1
 from prune_trainer.oneshot.owl import owl_sparsities
 from prune_trainer.oneshot.registry import get_method
+from prune_trainer.options import Options, unknown_key_error
 
 RESULTS_FILE = "results.json"
 
 
 @dataclass
-class OneShotConfig:
+class OneShotConfig(Options):
+    """One one-shot setting: the fine-tuned ``model``, the per-layer ``method`` (`ONESHOT_METHODS`), the target
+    ``sparsity`` (or an N:M ``pattern``), optional OWL allocation, the calibration sample, evaluation and export.
+    ``options``: keyword options of the method's pruner (e.g. ``{"percdamp": 0.01, "lazy": 64}`` for OBS; an
+    unknown key is an error naming the pruner's options)."""
+
+    section = "one-shot config"
+
     model: str
     method: str = "sparsegpt"
     sparsity: float = 0.5
@@ -45,11 +54,17 @@ class OneShotConfig:
     output_dir: str | None = None
     export: bool = True
     evaluate: bool = True
-    method_kwargs: dict[str, Any] = field(default_factory=dict)
+    options: dict[str, Any] = field(default_factory=dict)
     device: str = "auto"  # "auto" (CUDA when available, as Trainer does), "cpu", "cuda", "cuda:1", ...
 
     def validate(self) -> None:
-        get_method(self.method)
+        method = get_method(self.method)
+        params = inspect.signature(method.prune).parameters
+        allowed = [n for n, p in params.items() if p.kind is p.KEYWORD_ONLY or (
+            p.default is not p.empty and n not in ("prunen", "prunem"))]
+        unknown = set(self.options) - set(allowed)
+        if unknown:
+            raise unknown_key_error(f"{self.method} pruner options", unknown, allowed)
         resolve_device(self.device)
         nm = parse_pattern(self.pattern)
         if nm is None:
@@ -92,7 +107,7 @@ def run_oneshot(
         owl_info = {"outlier_ratios": ratios, "layer_sparsity": sparsity}
     report = prune_sequential(
         model, batches, method, sparsity, prunen, prunem, cfg.pruned_inputs,
-        DEFAULT_TARGETS, DEFAULT_EXCLUDE, progress, **cfg.method_kwargs,
+        DEFAULT_TARGETS, DEFAULT_EXCLUDE, progress, **cfg.options,
     )
     prune_time = time.perf_counter() - start
     results: dict[str, Any] = {
@@ -106,15 +121,7 @@ def run_oneshot(
         "owl": owl_info,
     }
     if cfg.evaluate:
-        t0 = time.perf_counter()
-        scores = evaluate_f1(model, tokenizer, splits["validation"], cfg.eval_batch_size, cfg.max_length)
-        results.update({f"eval_{k}": v for k, v in scores.items()})
-        results["eval_time_s"] = round(time.perf_counter() - t0, 1)
-        results["eval_sentences"] = len(splits["validation"])
-        if "test" in splits:  # every split the data has (CoNLL-2003's test.txt when present)
-            scores = evaluate_f1(model, tokenizer, splits["test"], cfg.eval_batch_size, cfg.max_length)
-            results.update({f"test_{k}": v for k, v in scores.items()})
-            results["test_sentences"] = len(splits["test"])
+        results.update(_evaluate(model, tokenizer, splits, cfg))
     if cfg.output_dir:
         out = Path(cfg.output_dir)
         if cfg.export:
@@ -126,6 +133,20 @@ def run_oneshot(
     if "sparsity" not in results:
         results["sparsity"] = _measured_sparsity(model)
     return results
+
+
+def _evaluate(model: torch.nn.Module, tokenizer: Any, splits: dict[str, list[Sentence]], cfg: OneShotConfig) -> dict:
+    """Entity F1 on the validation split (and on the test split when the data has one), with timings."""
+    t0 = time.perf_counter()
+    scores = evaluate_f1(model, tokenizer, splits["validation"], cfg.eval_batch_size, cfg.max_length)
+    out: dict[str, Any] = {f"eval_{k}": v for k, v in scores.items()}
+    out["eval_time_s"] = round(time.perf_counter() - t0, 1)
+    out["eval_sentences"] = len(splits["validation"])
+    if "test" in splits:  # every split the data has (CoNLL-2003's test.txt when present)
+        scores = evaluate_f1(model, tokenizer, splits["test"], cfg.eval_batch_size, cfg.max_length)
+        out.update({f"test_{k}": v for k, v in scores.items()})
+        out["test_sentences"] = len(splits["test"])
+    return out
 
 
 def _measured_sparsity(model: torch.nn.Module) -> float:

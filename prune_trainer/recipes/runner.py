@@ -29,6 +29,7 @@ import shutil
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -188,46 +189,51 @@ def _restore_finished_training(trainer: Any, ckpt: Path) -> None:
     trainer.control = handler.on_train_end(trainer.args, trainer.state, trainer.control)
 
 
-def run_recipe(
-    recipe: Recipe | dict[str, Any], results_root: str | os.PathLike = "results", overwrite: bool = False
-) -> dict[str, Any]:
-    """Run a recipe end to end (resuming an interrupted run of it); return the metrics written to
-    ``<output_dir>/metrics.json``. ``overwrite``: delete an existing output folder first and start over."""
-    from transformers import DataCollatorForTokenClassification, Trainer, set_seed
+@dataclass
+class _Run:
+    """Everything a run needs once its inputs are checked (built by `_prepare`, before anything is written)."""
 
-    from prune_trainer.callbacks import SparsityLoggingCallback, make_pruning_callback
+    recipe: Recipe
+    out_dir: Path
+    training: dict[str, Any]
+    args: Any
+    model: Any
+    tokenizer: Any
+    train_ds: Any
+    eval_sets: dict[str, tuple[Any, list[int]]]
+    pruning_cfg: Any
+    pruner: Any
+    callbacks: list[Any]
+    resolved: dict[str, Any]
+    max_steps: int
+
+    @property
+    def ckpt_dir(self) -> Path:
+        return self.out_dir / "checkpoints"
+
+
+def _prepare(recipe: Recipe, results_root: str | os.PathLike) -> _Run:
+    """Check every input, load model and data, build the callbacks; nothing is written here."""
+    from transformers import set_seed
+
+    from prune_trainer.callbacks import make_pruning_callback
     from prune_trainer.callbacks.finite import FiniteCheckCallback
     from prune_trainer.config import PruningConfig
-    from prune_trainer.data import (
-        load_conll_splits,
-        make_compute_metrics,
-        preprocess_logits_for_metrics,
-        tokenize_and_align,
-        window_sentences,
-    )
-    from prune_trainer.export import export_pruned_model
-    from prune_trainer.factorization import factorize_word_embeddings, merge_word_embeddings
+    from prune_trainer.data import load_conll_splits, tokenize_and_align, window_sentences
+    from prune_trainer.factorization import factorize_word_embeddings
     from prune_trainer.models import load_model_and_tokenizer
 
-    start = time.time()
-    commit = git_commit()  # the code that runs is the code checked out now
-    recipe = Recipe.from_dict(copy.deepcopy(recipe)) if isinstance(recipe, dict) else copy.deepcopy(recipe)
-    name = recipe.name
-    out_dir = Path(recipe.output_dir or Path(results_root) / name)
-    ckpt_dir = out_dir / "checkpoints"
+    out_dir = Path(recipe.output_dir or Path(results_root) / recipe.name)
     data_cfg = recipe.data
     training = recipe.resolved_training()
     pruning_cfg = PruningConfig.from_dict(recipe.pruning) if recipe.pruning else None
-
     extra: dict[str, Any] = {}
     if "wandb" in str(training.get("report_to")):
         os.environ.setdefault("WANDB_MODE", "offline" if not os.environ.get("WANDB_API_KEY") else "online")
         os.environ.setdefault("WANDB_DIR", str(out_dir))
         os.environ.setdefault("WANDB_PROJECT", "prune_trainer")
-        extra["run_name"] = training.setdefault("run_name", name)
-
-    # Everything that can be checked before training is checked before anything is written.
-    args = recipe.training_arguments(ckpt_dir, **extra)
+        extra["run_name"] = training.setdefault("run_name", recipe.name)
+    args = recipe.training_arguments(out_dir / "checkpoints", **extra)
     model_src = _resolve_source(recipe)  # a missing model directory fails here, before the data is read
     _check_model_config(model_src, data_cfg.max_length)
     splits = load_conll_splits(data_cfg.data_dir, data_cfg.hub_dataset)
@@ -245,7 +251,7 @@ def run_recipe(
             windows, groups = window_sentences(splits[split][: data_cfg.max_eval_samples], tokenizer, max_length)
             eval_sets[split] = (tokenize_and_align(windows, tokenizer, max_length), groups)
     max_steps = check_training_plan(args, pruning_cfg, len(train_ds))
-    callbacks = []
+    callbacks: list[Any] = []
     pruner = None
     if pruning_cfg is not None:
         check_sparsity(pruning_cfg.schedule.final_sparsity, "final_sparsity")
@@ -256,56 +262,87 @@ def run_recipe(
 
         callbacks.append(make_distillation_callback(model, recipe.distillation, recipe.init_from))
     callbacks.append(FiniteCheckCallback(recipe.on_nonfinite))
-
     resolved = {**recipe.to_dict(), "model_path": model_src, "training": training, "max_steps": max_steps}
     resolved.pop("description")  # the run's identity: everything that changes what it computes
+    return _Run(recipe, out_dir, training, args, model, tokenizer, train_ds, eval_sets, pruning_cfg, pruner,
+                callbacks, resolved, max_steps)
+
+
+def _train(run: _Run, resumed_from: int | None, start: float) -> tuple[Any, dict[str, float]]:
+    """Train (resuming from checkpoint ``resumed_from``); return the Trainer and the whole run's totals."""
+    from transformers import DataCollatorForTokenClassification, Trainer
+
+    from prune_trainer.callbacks import SparsityLoggingCallback
+    from prune_trainer.data import make_compute_metrics, preprocess_logits_for_metrics
+
+    resume_path = run.ckpt_dir / f"checkpoint-{resumed_from}" if resumed_from is not None else None
+    run_state = RunStateCallback.from_checkpoint(resume_path, start)
+    trainer = Trainer(
+        model=run.model,
+        args=run.args,
+        train_dataset=run.train_ds,
+        eval_dataset=run.eval_sets["validation"][0],
+        data_collator=DataCollatorForTokenClassification(run.tokenizer),
+        processing_class=run.tokenizer,
+        compute_metrics=make_compute_metrics(groups=run.eval_sets["validation"][1]),
+        preprocess_logits_for_metrics=preprocess_logits_for_metrics,
+        callbacks=[*run.callbacks, run_state],
+    )
+    run_state.attach(trainer)
+    if run.pruner is not None:
+        SparsityLoggingCallback(run.pruner).install(trainer)  # ahead of the reporters (W&B, ...)
+    if resumed_from is not None and resumed_from >= run.max_steps:
+        _restore_finished_training(trainer, resume_path)
+        part_loss_sum = 0.0
+    else:
+        train_out = trainer.train(resume_from_checkpoint=str(resume_path) if resume_path is not None else None)
+        part_loss_sum = train_out.training_loss * (trainer.state.global_step - (resumed_from or 0))
+    return trainer, run_state.totals(part_loss_sum)
+
+
+def _evaluate_and_export(run: _Run, trainer: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Validation (and test) metrics of the trained model, then the exported ``model/``; return both."""
+    from prune_trainer.data import make_compute_metrics
+    from prune_trainer.export import export_pruned_model
+    from prune_trainer.factorization import merge_word_embeddings
+
+    metrics: dict[str, Any] = {"name": run.recipe.name}
+    for split, (ds, groups) in run.eval_sets.items():
+        prefix = "eval" if split == "validation" else "test"
+        trainer.compute_metrics = make_compute_metrics(groups=groups)
+        res = trainer.evaluate(ds, metric_key_prefix=prefix)
+        metrics.update({k: v for k, v in res.items() if k.startswith(prefix + "_")})
+    if run.recipe.factorize_embeddings is not None:
+        merge_word_embeddings(run.model)  # plain nn.Embedding holding A B: a standard checkpoint
+    report = export_pruned_model(
+        run.model,
+        run.out_dir / "model",
+        run.tokenizer,
+        method=run.pruning_cfg.method if run.pruning_cfg else "dense",
+        pattern=run.pruning_cfg.pattern if run.pruning_cfg else "unstructured",
+        config=run.recipe.to_dict(),
+    )
+    return metrics, report
+
+
+def run_recipe(
+    recipe: Recipe | dict[str, Any], results_root: str | os.PathLike = "results", overwrite: bool = False
+) -> dict[str, Any]:
+    """Run a recipe end to end (resuming an interrupted run of it); return the metrics written to
+    ``<output_dir>/metrics.json``. ``overwrite``: delete an existing output folder first and start over."""
+    start = time.time()
+    commit = git_commit()  # the code that runs is the code checked out now
+    recipe = Recipe.from_dict(copy.deepcopy(recipe)) if isinstance(recipe, dict) else copy.deepcopy(recipe)
+    run = _prepare(recipe, results_root)  # everything that can be checked is checked before anything is written
+    pruner, out_dir = run.pruner, run.out_dir
     main_process = int(os.environ.get("RANK", "0")) == 0  # under torchrun, rank 0 owns the folder
     with exclusive_lock(out_dir / ".lock") if main_process else contextlib.nullcontext():
         if main_process:
-            _start_run_dir(out_dir, resolved, overwrite)
-            _drop_incomplete_checkpoints(ckpt_dir, pruned=pruner is not None)
-        resumed_from = last_checkpoint_step(ckpt_dir, pruned=pruner is not None)
-        resume_path = ckpt_dir / f"checkpoint-{resumed_from}" if resumed_from is not None else None
-        run_state = RunStateCallback.from_checkpoint(resume_path, start)
-        trainer = Trainer(
-            model=model,
-            args=args,
-            train_dataset=train_ds,
-            eval_dataset=eval_sets["validation"][0],
-            data_collator=DataCollatorForTokenClassification(tokenizer),
-            processing_class=tokenizer,
-            compute_metrics=make_compute_metrics(groups=eval_sets["validation"][1]),
-            preprocess_logits_for_metrics=preprocess_logits_for_metrics,
-            callbacks=[*callbacks, run_state],
-        )
-        run_state.attach(trainer)
-        if pruner is not None:
-            SparsityLoggingCallback(pruner).install(trainer)  # ahead of the reporters (W&B, ...)
-        if resumed_from is not None and resumed_from >= max_steps:
-            _restore_finished_training(trainer, resume_path)
-            part_loss_sum = 0.0
-        else:
-            train_out = trainer.train(resume_from_checkpoint=str(resume_path) if resume_path is not None else None)
-            part_loss_sum = train_out.training_loss * (trainer.state.global_step - (resumed_from or 0))
-        totals = run_state.totals(part_loss_sum)
-
-        metrics: dict[str, Any] = {"name": name}
-        for split, (ds, groups) in eval_sets.items():
-            prefix = "eval" if split == "validation" else "test"
-            trainer.compute_metrics = make_compute_metrics(groups=groups)
-            res = trainer.evaluate(ds, metric_key_prefix=prefix)
-            metrics.update({k: v for k, v in res.items() if k.startswith(prefix + "_")})
-
-        if recipe.factorize_embeddings is not None:
-            merge_word_embeddings(model)  # plain nn.Embedding holding A B: a standard checkpoint
-        report = export_pruned_model(
-            model,
-            out_dir / "model",
-            tokenizer,
-            method=pruning_cfg.method if pruning_cfg else "dense",
-            pattern=pruning_cfg.pattern if pruning_cfg else "unstructured",
-            config=recipe.to_dict(),
-        )
+            _start_run_dir(out_dir, run.resolved, overwrite)
+            _drop_incomplete_checkpoints(run.ckpt_dir, pruned=pruner is not None)
+        resumed_from = last_checkpoint_step(run.ckpt_dir, pruned=pruner is not None)
+        trainer, totals = _train(run, resumed_from, start)
+        metrics, report = _evaluate_and_export(run, trainer)
         metrics.update(
             {
                 "sparsity": report["global_sparsity"],
@@ -320,7 +357,7 @@ def run_recipe(
                 "git_commit": commit,
                 "device": _device_name(),
                 "command": " ".join(sys.argv),
-                "config": {**recipe.to_dict(), "training": training},
+                "config": {**recipe.to_dict(), "training": run.training},
                 "log_history": trainer.state.log_history,
             }
         )
