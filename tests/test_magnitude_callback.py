@@ -169,3 +169,21 @@ def test_pruning_time_is_timed_once_per_step_and_kept_in_the_state():
     del state["pruning_time_s"], state["pruning_steps"]  # a checkpoint written before these keys existed
     fresh.load_state_dict(state)
     assert fresh.pruning_steps == 0 and fresh.pruning_time_s == 0.0
+
+
+def test_resume_from_a_checkpoint_without_pruning_state_is_an_error(tmp_path):
+    model = tiny_bert()
+    make_trainer(tmp_path, model, [_pruner(model)], max_steps=6, save_strategy="steps", save_steps=3).train()
+    (tmp_path / "checkpoint-6" / "pruning_state.json").unlink()
+    resumed_model = tiny_bert()
+    trainer = make_trainer(tmp_path, resumed_model, [_pruner(resumed_model)], max_steps=8)
+    with pytest.raises(FileNotFoundError, match="checkpoint-6, which holds no pruning_state.json"):
+        trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-6"))
+
+
+def test_load_best_model_at_end_is_refused_with_pruning(tmp_path):
+    model = tiny_bert()
+    trainer = make_trainer(tmp_path, model, [_pruner(model)], max_steps=4, load_best_model_at_end=True,
+                           eval_strategy="steps", save_strategy="steps", eval_steps=2, save_steps=2)
+    with pytest.raises(ValueError, match="load_best_model_at_end=True cannot be combined with pruning"):
+        trainer.train()

@@ -138,6 +138,19 @@ def test_only_pulls_in_missing_dependency_and_bad_order_is_an_error(tmp_path, ti
         build_steps(bad, results)
 
 
+def test_a_truncated_metrics_file_is_run_again_not_taken_as_done(tmp_path, tiny_model_dir):
+    plan = _write_plan(tmp_path, tiny_model_dir, FULL_STEPS)
+    results = tmp_path / "results"
+    _metrics(results, "tiny_dense")
+    _fake_model(results, "tiny_dense")
+    path = results / "runs" / "tiny_pruned" / "metrics.json"
+    path.parent.mkdir(parents=True)
+    path.write_text('{"name": "tiny_pruned", "eval_f1": 0.5')  # cut short while being written
+    steps = {s.name: s for s in build_steps(plan, results)}
+    assert steps["tiny_dense"].status == "done"
+    assert steps["tiny_pruned"].status == "to run" and steps["tiny_pruned"].run
+
+
 def test_finished_steps_are_skipped(tmp_path, tiny_model_dir):
     plan = _write_plan(tmp_path, tiny_model_dir, FULL_STEPS)
     results = tmp_path / "results"
