@@ -53,7 +53,8 @@ class FiniteCheckCallback(TrainerCallback):
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model: nn.Module = None, **kw
     ) -> None:
         grads = [p.grad for p in model.parameters() if p.grad is not None]
-        norm = float(torch.nn.utils.get_total_norm(grads, error_if_nonfinite=False)) if grads else 0.0
+        norms = [g.detach().float().norm() for g in grads]
+        norm = float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0  # ‖g‖₂ over all parameters
         bad_loss, self._bad_loss = self._bad_loss, None
         if math.isfinite(norm) and bad_loss is None:
             return
