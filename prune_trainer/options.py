@@ -13,19 +13,27 @@ import dataclasses
 import difflib
 import types
 import typing
+from collections.abc import Iterable
+from enum import Enum
 from typing import Any, ClassVar, Literal, TypeVar, Union, get_args, get_origin
 
 T = TypeVar("T", bound="Options")
 
 
-def unknown_key_error(where: str, unknown: set[str] | list[str], allowed: set[str] | list[str]) -> ValueError:
-    """``ValueError`` naming the unknown key(s), the allowed ones, and a close match when there is one."""
+def unknown_key_error(where: str, unknown: Iterable[str], allowed: Iterable[str]) -> ValueError:
+    """``ValueError`` naming the unknown key(s), the closest allowed one for each, and the allowed ones:
+    ``"<where>: unknown key 'trainig'; did you mean 'training'? (allowed: data, model, ...)"``."""
     allowed = sorted(allowed)
     parts = []
     for key in sorted(unknown, key=str):
         close = difflib.get_close_matches(str(key), allowed, n=1)
-        parts.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
-    return ValueError(f"unknown {where} key(s) {', '.join(parts)}; allowed: {allowed}")
+        parts.append((repr(key), f"did you mean {close[0]!r}?" if close else ""))
+    if len(parts) == 1:
+        (key, hint), = parts
+        text = f"unknown key {key}" + (f"; {hint}" if hint else "")
+    else:
+        text = "unknown keys " + ", ".join(f"{k} ({h})" if h else k for k, h in parts)
+    return ValueError(f"{where}: {text} (allowed: {', '.join(allowed)})")
 
 
 def _describe(tp: Any) -> str:
@@ -39,28 +47,34 @@ def _describe(tp: Any) -> str:
     return "None" if tp is type(None) else getattr(tp, "__name__", str(tp))
 
 
-def matches_type(value: Any, tp: Any) -> bool:
-    """Whether ``value`` fits the type hint ``tp`` (the subset of hints `Options` fields use)."""
+def matches_type(value: Any, tp: Any, lenient_classes: bool = False) -> bool:
+    """Whether ``value`` fits the type hint ``tp``: unions, ``Literal``, ``list[...]``, dict, Enum (by value),
+    int, float (an int is accepted), str, bool. Other classes need an instance, or with ``lenient_classes``
+    are accepted (values YAML cannot produce, left to the constructor, as in `TrainingArguments`)."""
     origin = get_origin(tp)
     if tp is Any:
         return True
     if origin is Literal:
         return any(value == a and type(value) is type(a) for a in get_args(tp))
     if origin in (Union, types.UnionType):
-        return any(matches_type(value, a) for a in get_args(tp))
-    if origin is list:
-        (item,) = get_args(tp)
-        return isinstance(value, list) and all(matches_type(v, item) for v in value)
-    if origin is dict:
+        return any(matches_type(value, a, lenient_classes) for a in get_args(tp))
+    if tp is list or origin is list:
+        item = get_args(tp)
+        return isinstance(value, list) and (not item or all(matches_type(v, item[0], lenient_classes) for v in value))
+    if tp is dict or origin is dict:
         return isinstance(value, dict)
+    if isinstance(tp, type) and issubclass(tp, Enum):
+        return isinstance(value, tp) or value in {m.value for m in tp}
     if tp is type(None):
         return value is None
     if tp is float:
         return isinstance(value, (int, float)) and not isinstance(value, bool)
     if tp is int:
         return isinstance(value, int) and not isinstance(value, bool)
-    if isinstance(tp, type):
+    if tp is str or tp is bool:
         return isinstance(value, tp)
+    if isinstance(tp, type):
+        return isinstance(value, tp) or lenient_classes
     return True
 
 

@@ -66,7 +66,7 @@ def test_a_new_method_is_one_hook_and_one_registration(registered_random, tmp_pa
     assert pruner.pruning_steps == 4 and pruner.last_pruned_step == 8
     for layer in pruner.layers.values():  # the base class kept the pruned weights at exactly zero
         assert bool((layer.weight[~layer.weight_mask] == 0).all())
-    with pytest.raises(ValueError, match="unknown random options key"):
+    with pytest.raises(ValueError, match="random options: unknown key 'sed'"):
         PruningConfig.from_dict({"method": "random-test", "options": {"sed": 1}})
 
 
@@ -80,7 +80,7 @@ def test_registering_a_name_twice_is_an_error(registered_random):
 def test_overrides_are_routed_and_unknown_ones_named():
     pruner = MagnitudePruningCallback(tiny_bert(), final_sparsity=0.7, scope="layer", end_step=0.5)
     assert pruner.config.schedule.final_sparsity == 0.7 and pruner.config.scope == "layer"
-    with pytest.raises(ValueError, match=r"'final_sparsiti' \(did you mean 'final_sparsity'\?\)"):
+    with pytest.raises(ValueError, match=r"unknown key 'final_sparsiti'; did you mean 'final_sparsity'\?"):
         MagnitudePruningCallback(tiny_bert(), final_sparsiti=0.7)
     with pytest.raises(ValueError, match="runs method 'magnitude', got a config for 'movement'"):
         MagnitudePruningCallback(tiny_bert(), PruningConfig(method="movement"))
@@ -205,7 +205,7 @@ def test_oneshot_config_is_typed_and_checks_the_pruner_options():
     from prune_trainer import OneShotConfig
 
     assert OneShotConfig(model="m", method="obs", options={"lazy": 64}).options == {"lazy": 64}
-    with pytest.raises(ValueError, match=r"unknown obs pruner options key\(s\) 'lazzy' \(did you mean 'lazy'\?\)"):
+    with pytest.raises(ValueError, match=r"obs pruner options: unknown key 'lazzy'; did you mean 'lazy'\?"):
         OneShotConfig(model="m", method="obs", options={"lazzy": 64})
     with pytest.raises(ValueError, match="calib_samples must be int, got 'many'"):
         OneShotConfig(model="m", calib_samples="many")

@@ -171,7 +171,7 @@ def test_incompatible_layers_skipped_when_asked(tmp_path):
     [
         ({"schedule": {"kind": "cubic"}, "pattern": "2:4"}, "oneshot"),
         ({"options": {"score": "fisher"}}, "score must be 'magnitude'"),
-        ({"options": {"bogus": 1}}, "unknown nm options key"),
+        ({"options": {"bogus": 1}}, "nm options: unknown key .bogus."),
         ({"options": {"score": "obert", "block_size": 6}}, "multiple of M=4"),
         ({"options": {"score": "obert", "dynamic": "srste"}}, "cannot be combined"),
         ({"schedule": {"kind": "oneshot"}, "pattern": "4:4"}, "0 < N < M"),

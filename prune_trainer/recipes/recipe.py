@@ -10,10 +10,7 @@ error naming it, the allowed keys and the closest ones.
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import enum
 import os
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from prune_trainer.options import matches_type, unknown_key_error
 from prune_trainer.yaml_io import load_yaml
 
 DEFAULT_TRAINING: dict[str, Any] = {
@@ -42,44 +40,16 @@ NONFINITE_POLICIES = ("error", "skip")
 
 
 def check_keys(given: Any, allowed: list[str] | set[str], where: str) -> None:
-    """Raise ValueError for the first key of ``given`` not in ``allowed``, naming the allowed and closest keys."""
-    for key in given:
-        if key not in allowed:
-            close = difflib.get_close_matches(str(key), sorted(allowed), n=3)
-            hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
-            raise ValueError(f"{where}: unknown key {key!r}{hint} (allowed: {', '.join(sorted(allowed))})")
+    """Raise ValueError for keys of ``given`` not in ``allowed``, naming the allowed and closest keys."""
+    unknown = [key for key in given if key not in allowed]
+    if unknown:
+        raise unknown_key_error(where, unknown, allowed)
 
 
 def type_matches(value: Any, annotation: Any) -> bool:
-    """Whether a YAML value fits a type annotation (unions, Literal, list[...], dict, Enum by value, int as float).
-
-    Annotations that YAML cannot produce (classes such as ``ParallelismConfig``) are accepted here and left to
-    the constructor."""
-    origin = typing.get_origin(annotation)
-    args = typing.get_args(annotation)
-    if annotation is Any:
-        return True
-    if origin in (typing.Union, types.UnionType):
-        return any(type_matches(value, a) for a in args)
-    if origin is typing.Literal:
-        return value in args
-    if annotation is type(None):
-        return value is None
-    if annotation is bool:
-        return isinstance(value, bool)
-    if annotation is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if annotation is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if annotation is str:
-        return isinstance(value, str)
-    if annotation is list or origin is list:
-        return isinstance(value, list) and (not args or all(type_matches(v, args[0]) for v in value))
-    if annotation is dict or origin is dict:
-        return isinstance(value, dict)
-    if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
-        return isinstance(value, annotation) or value in {m.value for m in annotation}
-    return True
+    """Whether a YAML value fits a type annotation (`matches_type`; classes YAML cannot produce, such as
+    ``ParallelismConfig``, are accepted here and left to the constructor)."""
+    return matches_type(value, annotation, lenient_classes=True)
 
 
 def _type_name(annotation: Any) -> str:
