@@ -33,7 +33,7 @@ def unknown_key_error(where: str, unknown: Iterable[str], allowed: Iterable[str]
         text = f"unknown key {key}" + (f"; {hint}" if hint else "")
     else:
         text = "unknown keys " + ", ".join(f"{k} ({h})" if h else k for k, h in parts)
-    return ValueError(f"{where}: {text} (allowed: {', '.join(allowed)})")
+    return ValueError(f"{where}: {text} " + (f"(allowed: {', '.join(allowed)})" if allowed else "(none are allowed)"))
 
 
 def _describe(tp: Any) -> str:

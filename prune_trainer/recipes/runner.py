@@ -121,10 +121,13 @@ def check_training_plan(args: Any, pruning_cfg: Any, n_train: int) -> int:
     for key in ("start_step", "end_step"):
         value = getattr(schedule, key)
         if isinstance(value, int) and value > max_steps:
-            raise ValueError(
-                f"pruning.schedule.{key}={value} is past the run's last step (max_steps={max_steps}, from "
+            source = "training.max_steps" if args.max_steps > 0 else (
                 f"{n_train} sentences, batch {args.per_device_train_batch_size}, accumulation "
-                f"{args.gradient_accumulation_steps}, {args.num_train_epochs} epochs); lower it or use a fraction"
+                f"{args.gradient_accumulation_steps}, {args.num_train_epochs} epochs"
+            )
+            raise ValueError(
+                f"pruning.schedule.{key}={value} is past the run's last step (max_steps={max_steps}, from {source}); "
+                "lower it or use a fraction"
             )
     schedule.resolve(max_steps)  # start_step after end_step fails here
     return max_steps
