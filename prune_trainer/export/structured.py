@@ -157,7 +157,9 @@ def load_pruned_model(
                 raise ValueError(f"{STRUCTURE_FIELD}.heads {counts}: not multiples of {rep} query heads per KV head")
             counts = [n // rep for n in counts]
         if len(counts) != len(groups.sizes) or any(not 0 < n <= s for n, s in zip(counts, groups.sizes)):
-            raise ValueError(f"{STRUCTURE_FIELD}.{kind} {recorded[kind]} does not fit the model's layers {groups.sizes}")
+            raise ValueError(
+                f"{STRUCTURE_FIELD}.{kind} {recorded[kind]} does not fit the model's layers {groups.sizes}"
+            )
         offsets = torch.tensor(groups.layer_offsets())
         rank = torch.arange(groups.num_groups) - offsets[groups.group_layer]
         keep[kind] = rank < torch.tensor(counts)[groups.group_layer]
