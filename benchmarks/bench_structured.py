@@ -99,7 +99,7 @@ def main() -> None:
         f"MiniLM-shaped `BertModel` (random weights): 6 layers × 384 hidden, 12 heads, 1536 FFN; pruned: heads per "
         f"layer {sizes['heads']}, FFN neurons per layer {sizes['ffn']} (magnitude, per layer, exported with "
         "`export_structured_model` and reloaded with `load_pruned_model`).",
-        f"Encoder parameters (without embeddings): dense {params(dense):,}, pruned {params(pruned):,} "
+        f"Parameters outside the embeddings (encoder and pooler): dense {params(dense):,}, pruned {params(pruned):,} "
         f"({params(pruned) / params(dense):.3f}). Max |Δ| pruned vs masked output: {diff:.2e}.",
         "",
         f"Sequence length {args.seq_len}, `torch.inference_mode`, torch {torch.__version__}, {args.threads} threads; "
