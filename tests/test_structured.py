@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 from helpers import make_trainer, tiny_bert
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, TrainerCallback
 
 from prune_trainer import PruningConfig, StructuredPruningCallback, export_structured_model, load_pruned_model
 from prune_trainer.callbacks import make_pruning_callback
@@ -264,3 +264,33 @@ def test_bad_input_is_refused_before_the_model_is_touched(make, overrides, messa
         StructuredPruningCallback(model, **overrides)
     assert masked_layers(model) == {}
     assert all(torch.equal(before[n], p) for n, p in model.state_dict().items())
+
+
+class StopAt(TrainerCallback):
+    """Stops the run when it reaches ``step``."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            control.should_training_stop = True
+
+
+def test_taylor_resume_equals_the_uninterrupted_run(tmp_path):
+    common = dict(max_steps=12, save_strategy="steps", save_steps=5, learning_rate=1e-3)
+    sched = dict(final_sparsity=0.5, start_step=2, end_step=10, frequency=4, score="taylor", round_to_ffn=4)
+    full_model = tiny_bert(num_attention_heads=4)
+    full = StructuredPruningCallback(full_model, **sched)
+    make_trainer(tmp_path / "full", full_model, [full], **common).train()
+    part_model = tiny_bert(num_attention_heads=4)
+    make_trainer(tmp_path / "part", part_model, [StructuredPruningCallback(part_model, **sched), StopAt(7)],
+                 **common).train()
+    resumed_model = tiny_bert(seed=5, num_attention_heads=4)
+    resumed = StructuredPruningCallback(resumed_model, **sched)
+    make_trainer(tmp_path / "part", resumed_model, [resumed], **common).train(resume_from_checkpoint=True)
+    assert full.pruning_steps == 3
+    for name, layer in full.layers.items():
+        assert torch.equal(layer.weight_mask, resumed.layers[name].weight_mask), name
+        if layer.bias is not None:  # removed groups' biases are zero in both
+            assert torch.equal(layer.bias == 0, resumed.layers[name].bias == 0), name
