@@ -294,3 +294,41 @@ def test_taylor_resume_equals_the_uninterrupted_run(tmp_path):
         assert torch.equal(layer.weight_mask, resumed.layers[name].weight_mask), name
         if layer.bias is not None:  # removed groups' biases are zero in both
             assert torch.equal(layer.bias == 0, resumed.layers[name].bias == 0), name
+
+
+def other_families():
+    from transformers import (
+        DistilBertConfig,
+        DistilBertForTokenClassification,
+        MistralConfig,
+        MistralForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+        RobertaConfig,
+        RobertaForTokenClassification,
+    )
+
+    small = dict(hidden_size=32, num_attention_heads=4, intermediate_size=64, num_hidden_layers=2, vocab_size=100)
+    gqa = dict(small, num_key_value_heads=2)
+    return [
+        lambda: DistilBertForTokenClassification(DistilBertConfig(dim=32, n_heads=4, hidden_dim=64, n_layers=2,
+                                                                  vocab_size=100)),
+        lambda: RobertaForTokenClassification(RobertaConfig(**small)),
+        lambda: Qwen2ForCausalLM(Qwen2Config(**gqa)),  # q/k/v with biases
+        lambda: MistralForCausalLM(MistralConfig(**gqa)),
+    ]
+
+
+@pytest.mark.parametrize("make", other_families(), ids=["distilbert", "roberta", "qwen2", "mistral"])
+def test_every_family_of_the_table_slices_to_the_masked_function(make, tmp_path):
+    torch.manual_seed(0)
+    model = make().eval()
+    with torch.no_grad():
+        for p in model.parameters():  # non-zero biases everywhere, so that a mis-sliced bias shows
+            p.add_(0.05 * torch.randn_like(p))
+    pruner = StructuredPruningCallback(model, round_to_ffn=4)
+    pruner.prune(0, target=0.5)
+    x = torch.randint(3, 100, (2, 10))
+    sizes, reloaded = masked_vs_sliced(model, x, pruner, tmp_path)
+    assert sum(sizes["heads"]) == 4 and sum(sizes["ffn"]) == 64
+    assert type(reloaded) is type(model)
