@@ -332,3 +332,25 @@ def test_every_family_of_the_table_slices_to_the_masked_function(make, tmp_path)
     sizes, reloaded = masked_vs_sliced(model, x, pruner, tmp_path)
     assert sum(sizes["heads"]) == 4 and sum(sizes["ffn"]) == 64
     assert type(reloaded) is type(model)
+
+
+@pytest.mark.parametrize("scope", ["global", "layer"])
+def test_selection_invariants_on_random_scores(scope):
+    ffn = find_structures(tiny_bert(num_hidden_layers=3), ["ffn"]).groups["ffn"]  # 3 layers x 64
+    gen = torch.Generator().manual_seed(1)
+    for trial in range(20):
+        scores = torch.randn(192, generator=gen) * torch.rand(3, generator=gen).repeat_interleave(64)
+        target, round_to = float(torch.rand(1, generator=gen)) * 0.95, [1, 4, 8][trial % 3]
+        keep = select_groups(ffn, scores, target, scope, round_to=round_to, floor=round_to)
+        per_layer = keep.view(3, 64).sum(dim=1)
+        assert bool((per_layer % round_to == 0).all()) and bool((per_layer >= round_to).all())
+        for layer in range(3):  # each layer keeps its best groups
+            s, k = scores.view(3, 64)[layer], keep.view(3, 64)[layer]
+            if bool(k.any()) and not bool(k.all()):
+                assert s[k].min() >= s[~k].max()
+        if scope == "global":  # whole blocks until the budget is met (floors may exceed it)
+            wanted = 192 - round(target * 192)
+            assert wanted <= int(keep.sum()) < max(wanted, 3 * round_to) + round_to
+        else:
+            want = 64 - round(target * 64)
+            assert bool((per_layer >= want).all()) and bool((per_layer < max(want, round_to) + round_to).all())
