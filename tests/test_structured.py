@@ -354,3 +354,17 @@ def test_selection_invariants_on_random_scores(scope):
         else:
             want = 64 - round(target * 64)
             assert bool((per_layer >= want).all()) and bool((per_layer < max(want, round_to) + round_to).all())
+
+
+def test_a_bf16_export_reloads_as_bf16_with_the_same_logits(tmp_path):
+    model = tiny_llama().to(torch.bfloat16)
+    pruner = StructuredPruningCallback(model, round_to_ffn=4)
+    pruner.prune(0, target=0.5)
+    x = torch.randint(0, 100, (2, 10))
+    with torch.no_grad():
+        masked = model(input_ids=x).logits
+    export_structured_model(model, tmp_path / "bf16")
+    reloaded = load_pruned_model(tmp_path / "bf16")
+    assert reloaded.model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
+    with torch.no_grad():
+        assert torch.allclose(reloaded(input_ids=x).logits.float(), masked.float(), atol=1e-2, rtol=1e-2)

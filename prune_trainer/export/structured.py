@@ -133,7 +133,7 @@ def load_pruned_model(
 ) -> transformers.PreTrainedModel:
     """Load a folder written by `export_structured_model`: the standard class of ``config.architectures`` (or
     ``model_class``) built from ``config.json``, sliced to the recorded sizes, then given the safetensors weights
-    (no pickle, no code from the checkpoint). Returns the model in eval mode.
+    (no pickle, no code from the checkpoint), in the saved floating dtype. Returns the model in eval mode.
 
     Raises:
         ValueError: no ``prune_trainer_structure`` in the config, sizes that do not fit the model, or weights that
@@ -165,6 +165,9 @@ def load_pruned_model(
         keep[kind] = rank < torch.tensor(counts)[groups.group_layer]
     slice_model(model, structures, keep)
     state = _read_weights(path)
+    dtypes = {t.dtype for t in state.values() if t.is_floating_point()}
+    if len(dtypes) == 1:
+        model.to(dtypes.pop())  # the saved precision (a bf16 export reloads as bf16)
     result = model.load_state_dict(state, strict=False)
     if result.unexpected_keys:
         raise ValueError(f"{path}: weights for no module of the sliced model: {result.unexpected_keys[:5]}")
