@@ -15,6 +15,7 @@ from prune_trainer.callbacks.registry import (
     register_method,
 )
 from prune_trainer.callbacks.sparsity_logging import SparsityLoggingCallback
+from prune_trainer.callbacks.structured import StructuredOptions, StructuredPruningCallback
 from prune_trainer.callbacks.taylor import TaylorOptions, TaylorPruningCallback
 
 __all__ = [
@@ -33,6 +34,8 @@ __all__ = [
     "PruningCallback",
     "PruningContext",
     "SparsityLoggingCallback",
+    "StructuredOptions",
+    "StructuredPruningCallback",
     "TaylorOptions",
     "TaylorPruningCallback",
     "make_pruning_callback",

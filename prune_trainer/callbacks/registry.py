@@ -25,11 +25,12 @@ def _register_builtins() -> None:
     from prune_trainer.callbacks.movement import MovementPruningCallback
     from prune_trainer.callbacks.nm import NMSparsityCallback
     from prune_trainer.callbacks.obert import OBERTPruningCallback
+    from prune_trainer.callbacks.structured import StructuredPruningCallback
     from prune_trainer.callbacks.taylor import TaylorPruningCallback
 
     for cls in (
         MagnitudePruningCallback, MovementPruningCallback, NMSparsityCallback, OBERTPruningCallback,
-        TaylorPruningCallback,
+        TaylorPruningCallback, StructuredPruningCallback,
     ):
         PRUNING_CALLBACKS[cls.method_name] = cls
 

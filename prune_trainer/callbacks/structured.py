@@ -1,0 +1,208 @@
+"""`StructuredPruningCallback`: gradual removal of whole attention heads and FFN neurons on the schedule.
+
+The groups are found from the model (`prune_trainer.structures`), scored and selected by
+`prune_trainer.methods.structured`. ``compute_masks`` returns the element masks implied by the group masks, so
+the base class keeps the removed weights exactly zero and handles DDP and resume unchanged; this class also
+keeps the removed groups' biases (q/k/v, intermediate, gate/up rows) at exactly zero. The schedule's target is
+the removed fraction of each kind's coupled weights. `prune_trainer.export.structured` then slices the removed
+groups away for real.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from prune_trainer.callbacks.base import PruningCallback, PruningContext
+from prune_trainer.config import PruningConfig
+from prune_trainer.methods.structured import (
+    check_group_sizes,
+    magnitude_group_scores,
+    select_groups,
+    taylor_group_importance,
+)
+from prune_trainer.methods.taylor import accumulate
+from prune_trainer.options import Options
+from prune_trainer.structures import (
+    STRUCTURE_KINDS,
+    ModelStructures,
+    bias_masks,
+    element_masks,
+    find_structures,
+    kept_groups,
+)
+
+
+@dataclass
+class StructuredOptions(Options):
+    """``structures``: the kinds removed, ``"heads"`` (attention heads; KV groups under grouped-query attention)
+    and/or ``"ffn"`` (FFN neurons). ``score``: ``"magnitude"`` (group L2 norm) or ``"taylor"`` (``Σ|g·w|`` over the
+    group, averaged over the steps since the last pruning step, or an EMA with ``ema``). ``round_to_heads`` /
+    ``round_to_ffn``: kept groups per layer are a multiple of it (or the whole layer). ``min_heads``: head groups
+    always kept in each layer (>= 1: no layer loses every head); each layer keeps at least ``round_to_ffn``
+    neurons."""
+
+    section = "structured options"
+
+    structures: list[str] = field(default_factory=lambda: list(STRUCTURE_KINDS))
+    score: Literal["magnitude", "taylor"] = "magnitude"
+    round_to_heads: int = 1
+    round_to_ffn: int = 8
+    min_heads: int = 1
+    ema: float | None = None
+
+    def validate(self) -> None:
+        if not self.structures or set(self.structures) - set(STRUCTURE_KINDS) or len(set(self.structures)) != len(
+            self.structures
+        ):
+            raise ValueError(
+                f"structured options: structures must be distinct values of {list(STRUCTURE_KINDS)}, "
+                f"got {self.structures!r}"
+            )
+        if self.min_heads < 1:
+            raise ValueError(
+                f"structured options: min_heads must be >= 1 (removing every head of a layer is not supported), "
+                f"got {self.min_heads}"
+            )
+        for name in ("round_to_heads", "round_to_ffn"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"structured options: {name} must be >= 1, got {getattr(self, name)}")
+        if self.ema is not None and not 0.0 <= self.ema < 1.0:
+            raise ValueError(f"structured options: ema must be in [0, 1) or null, got {self.ema!r}")
+
+
+class StructuredPruningCallback(PruningCallback):
+    """Remove the lowest-scoring attention heads and FFN neurons for the scheduled target.
+
+    ``targets`` / ``exclude`` of the config are replaced by the coupled Linears of every layer; ``scope`` is
+    ``"global"`` (groups of a kind compete across layers) or ``"layer"``; ``pattern`` must be unstructured.
+
+    Example::
+
+        pruner = StructuredPruningCallback(model, final_sparsity=0.5, end_step=0.7, frequency=100)
+        Trainer(model=model, args=args, ..., callbacks=[pruner]).train()
+        export_structured_model(model, "out/pruned", tokenizer)   # the smaller model
+    """
+
+    method_name = "structured"
+    options_class = StructuredOptions
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.taylor_scores = {k: torch.zeros(g.num_groups) for k, g in self.structures.groups.items()}
+        self.steps_seen = 0
+        """Optimizer steps folded into ``taylor_scores`` since they were last reset."""
+        self._bias_keep: dict[str, torch.Tensor] | None = None
+
+    def prepare_config(self, config: PruningConfig, model: nn.Module) -> PruningConfig:
+        if config.nm is not None:
+            raise ValueError(
+                f"structured pruning removes whole groups: pattern must be unstructured, got {config.pattern!r}"
+            )
+        options: StructuredOptions = config.options  # type: ignore[assignment]
+        structures = find_structures(model, options.structures)
+        floors = {
+            "heads": (options.round_to_heads, options.min_heads),
+            "ffn": (options.round_to_ffn, options.round_to_ffn),
+        }
+        for kind, groups in structures.groups.items():
+            check_group_sizes(groups, *floors[kind], f"structured {kind}")
+        self.structures: ModelStructures = structures
+        self.floors = floors
+        return config.replace(targets=[f"^{re.escape(n)}$" for n in structures.linear_names()], exclude=[])
+
+    # ---- masks ------------------------------------------------------------------------------
+    def group_keep(self) -> dict[str, torch.Tensor]:
+        """Current group mask of each kind (a group is kept while any of its weights is unmasked)."""
+        return {
+            kind: kept_groups(groups, {lin.name: self.layers[lin.name].weight_mask for lin in groups.linears})
+            for kind, groups in self.structures.groups.items()
+        }
+
+    def group_scores(self) -> dict[str, torch.Tensor]:
+        """Score per group of each kind (higher = keep)."""
+        if self.options.score == "taylor":
+            return {k: s.clone() for k, s in self.taylor_scores.items()}
+        return {
+            kind: magnitude_group_scores(groups, {lin.name: self.layers[lin.name].weight for lin in groups.linears})
+            for kind, groups in self.structures.groups.items()
+        }
+
+    def compute_masks(self, step: int, target: float, context: PruningContext) -> dict[str, torch.Tensor]:
+        if self.options.score == "taylor" and self.steps_seen == 0 and target > self.current_target:
+            raise ValueError(
+                f"structured Taylor pruning at step {step} to {target:.3f} has seen no gradient yet: start pruning "
+                "after at least one training step (start_step >= 1)"
+            )
+        scores, current = self.group_scores(), self.group_keep()
+        masks: dict[str, torch.Tensor] = {}
+        for kind, groups in self.structures.groups.items():
+            round_to, floor = self.floors[kind]
+            keep = select_groups(
+                groups, scores[kind], target, self.config.scope, round_to, floor,
+                removed=~current[kind] if self.needs.monotone else None,
+            )
+            shapes = {lin.name: self.layers[lin.name].weight.shape for lin in groups.linears}
+            masks.update(element_masks(groups, keep.to(self.layers[groups.linears[0].name].weight.device), shapes))
+        if self.options.score == "taylor" and self.options.ema is None:
+            self.steps_seen = 0
+        return masks
+
+    @torch.no_grad()
+    def prune(self, step: int, context: PruningContext | None = None, target: float | None = None) -> None:
+        super().prune(step, context, target)
+        self._bias_keep = None
+        self.apply_bias_masks()
+
+    def bias_keep(self) -> dict[str, torch.Tensor]:
+        """Keep-mask of the biases owned by groups (from the current weight masks; cached until the next prune)."""
+        if self._bias_keep is None:
+            keep = self.group_keep()
+            self._bias_keep = {}
+            for kind, groups in self.structures.groups.items():
+                self._bias_keep.update(bias_masks(groups, keep[kind]))
+        return self._bias_keep
+
+    @torch.no_grad()
+    def apply_bias_masks(self, grads: bool = False) -> None:
+        """Zero the removed groups' biases (or, with ``grads``, their gradients)."""
+        for name, keep in self.bias_keep().items():
+            bias = self.layers[name].bias
+            target = None if bias is None else (bias.grad if grads else bias)
+            if target is not None:
+                target.masked_fill_(~keep.to(target.device), 0)
+
+    # ---- Trainer events ---------------------------------------------------------------------
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._bias_keep = None  # masks may just have been restored from a checkpoint
+        super().on_train_begin(args, state, control, **kwargs)
+
+    @torch.no_grad()
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        if self.options.score == "taylor":
+            for kind, groups in self.structures.groups.items():
+                names = [lin.name for lin in groups.linears]
+                weights = {n: self.layers[n].weight for n in names}
+                importance = taylor_group_importance(groups, weights, {n: weights[n].grad for n in names})
+                accumulate(self.taylor_scores[kind], importance.cpu(), self.steps_seen, self.options.ema)
+            self.steps_seen += 1
+        super().on_pre_optimizer_step(args, state, control, **kwargs)
+        self.apply_bias_masks(grads=True)
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        super().on_optimizer_step(args, state, control, **kwargs)
+        self.apply_bias_masks()
+
+    # ---- checkpoint state (group scores are small: JSON) ------------------------------------
+    def method_state(self) -> dict[str, Any]:
+        return {"steps_seen": self.steps_seen, "taylor_scores": {k: s.tolist() for k, s in self.taylor_scores.items()}}
+
+    def load_method_state(self, state: dict[str, Any]) -> None:
+        self.steps_seen = int(state.get("steps_seen", 0))
+        for kind, values in state.get("taylor_scores", {}).items():
+            if kind in self.taylor_scores:
+                self.taylor_scores[kind].copy_(torch.tensor(values, dtype=torch.float32))

@@ -1,0 +1,189 @@
+"""Physical removal of pruned heads and FFN neurons: smaller Linears, saved and reloaded without pickle.
+
+A group whose coupled weights are all zero contributes nothing to the layer's output (its output-side columns
+are zero: ``o·(softmax(qkᵀ)v)`` and ``W₂·act(W₁x + b₁)`` lose exactly the terms of those columns), so slicing it
+away gives the same function as the masked model. `export_structured_model` slices, records the per-layer sizes
+in ``config.json`` (``prune_trainer_structure``) and saves safetensors atomically; `load_pruned_model` builds the
+standard transformers class from the config, slices it to the recorded sizes and loads the weights.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+from safetensors.torch import load_file
+from torch import nn
+
+from prune_trainer.io import atomic_dir
+from prune_trainer.masking.inject import _set_submodule, unwrap_masked_layers
+from prune_trainer.structures import ModelStructures, find_structures, kept_groups, kept_sizes
+
+STRUCTURE_FIELD = "prune_trainer_structure"
+"""The ``config.json`` field with the kept sizes per layer: ``{"heads": [query heads...], "ffn": [neurons...]}``."""
+
+
+def _sliced_linear(linear: nn.Linear, index: torch.Tensor, axis: int) -> nn.Linear:
+    """A new Linear keeping rows (``axis=0``, with their bias entries) or columns (``axis=1``) ``index``."""
+    index = index.to(linear.weight.device)
+    weight = linear.weight.detach().index_select(axis, index)
+    out_f, in_f = weight.shape
+    new = nn.Linear(in_f, out_f, bias=linear.bias is not None, device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        new.weight.copy_(weight)
+        if linear.bias is not None:
+            new.bias.copy_(linear.bias.detach().index_select(0, index) if axis == 0 else linear.bias.detach())
+    new.weight.requires_grad_(linear.weight.requires_grad)
+    return new
+
+
+@torch.no_grad()
+def slice_model(model: nn.Module, structures: ModelStructures, keep: dict[str, torch.Tensor]) -> dict[str, list[int]]:
+    """Replace every coupled Linear by one holding only the kept groups' rows/columns, update the attention and
+    FFN modules' size attributes, and return the kept sizes per layer (heads as query heads). In place.
+
+    Raises:
+        ValueError: a layer would keep no head group.
+    """
+    arch = structures.architecture
+    sizes: dict[str, list[int]] = {}
+    for kind, groups in structures.groups.items():
+        mask = keep[kind].to("cpu", torch.bool)
+        per_layer = kept_sizes(groups, mask)
+        if kind == "heads" and min(per_layer) == 0:
+            raise ValueError(f"cannot slice away every head of layer {per_layer.index(0)}: keep at least one")
+        for lin in groups.linears:
+            index = torch.nonzero(mask[lin.group_ids], as_tuple=True)[0]
+            module = model.get_submodule(lin.name)
+            if index.numel() != (module.out_features if lin.axis == 0 else module.in_features):
+                _set_submodule(model, lin.name, _sliced_linear(module, index, lin.axis))
+        if kind == "heads":
+            per_layer = [n * structures.queries_per_group for n in per_layer]
+            for prefix, heads in zip(groups.layer_modules, per_layer):
+                attention = model.get_submodule(prefix)
+                for attr in arch.head_count_attrs:
+                    setattr(attention, attr, heads)
+                for attr in arch.head_width_attrs:
+                    setattr(attention, attr, heads * structures.head_dim)
+        elif arch.ffn_size_attr:
+            for prefix, neurons in zip(groups.layer_modules, per_layer):
+                setattr(model.get_submodule(prefix), arch.ffn_size_attr, neurons)
+        sizes[kind] = per_layer
+    return sizes
+
+
+def export_structured_model(model: nn.Module, path: str | os.PathLike, tokenizer: Any = None) -> dict[str, list[int]]:
+    """Slice the removed heads and FFN neurons out of ``model`` (in place: masks baked in, then smaller Linears),
+    save it with ``config.json`` recording the kept sizes (``prune_trainer_structure``) and the tokenizer, into a
+    folder that is complete or absent (`atomic_dir`). Returns the kept sizes ``{"heads": [...], "ffn": [...]}``.
+
+    A group is removed when all its coupled weights are zero. A layer whose heads are all zero keeps its first
+    head group (its output is zero anyway), since a model needs at least one head per layer.
+    """
+    unwrap_masked_layers(model)
+    structures = find_structures(model)
+    keep = {}
+    for kind, groups in structures.groups.items():
+        weights = {lin.name: model.get_submodule(lin.name).weight for lin in groups.linears}
+        mask = kept_groups(groups, weights).cpu()
+        empty = torch.tensor(kept_sizes(groups, mask)) == 0
+        if kind == "heads" and bool(empty.any()):
+            firsts = torch.tensor(groups.layer_offsets())[empty]
+            mask[firsts] = True
+        keep[kind] = mask
+    sizes = slice_model(model, structures, keep)
+    setattr(model.config, STRUCTURE_FIELD, sizes)
+    with atomic_dir(Path(path)) as tmp:
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+    return sizes
+
+
+def _model_class(config: transformers.PretrainedConfig) -> type[transformers.PreTrainedModel]:
+    names = getattr(config, "architectures", None) or []
+    cls = getattr(transformers, names[0], None) if names else None
+    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
+        raise ValueError(
+            f"config.architectures {names!r} names no transformers model class; pass model_class= explicitly"
+        )
+    return cls
+
+
+def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+    single = path / "model.safetensors"
+    if single.is_file():
+        return load_file(single)
+    index = path / "model.safetensors.index.json"
+    if not index.is_file():
+        raise FileNotFoundError(f"{path} holds no model.safetensors (or its index): only safetensors are loaded")
+    shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    state: dict[str, torch.Tensor] = {}
+    for shard in shards:
+        state.update(load_file(path / shard))
+    return state
+
+
+def load_pruned_model(
+    path: str | os.PathLike, model_class: type[transformers.PreTrainedModel] | None = None
+) -> transformers.PreTrainedModel:
+    """Load a folder written by `export_structured_model`: the standard class of ``config.architectures`` (or
+    ``model_class``) built from ``config.json``, sliced to the recorded sizes, then given the safetensors weights
+    (no pickle, no code from the checkpoint), in the saved floating dtype. Returns the model in eval mode.
+
+    Raises:
+        ValueError: no ``prune_trainer_structure`` in the config, sizes that do not fit the model, or weights that
+            do not match the sliced modules.
+    """
+    path = Path(path)
+    config = transformers.AutoConfig.from_pretrained(path, trust_remote_code=False)
+    recorded = getattr(config, STRUCTURE_FIELD, None)
+    if not isinstance(recorded, dict):
+        raise ValueError(
+            f"{path}/config.json has no {STRUCTURE_FIELD} field: it was not written by export_structured_model"
+        )
+    model = (model_class or _model_class(config))(config)
+    structures = find_structures(model, [k for k in ("heads", "ffn") if k in recorded])
+    keep = {}
+    for kind, groups in structures.groups.items():
+        counts = [int(n) for n in recorded[kind]]
+        if kind == "heads":
+            rep = structures.queries_per_group
+            if any(n % rep for n in counts):
+                raise ValueError(f"{STRUCTURE_FIELD}.heads {counts}: not multiples of {rep} query heads per KV head")
+            counts = [n // rep for n in counts]
+        if len(counts) != len(groups.sizes) or any(not 0 < n <= s for n, s in zip(counts, groups.sizes)):
+            raise ValueError(
+                f"{STRUCTURE_FIELD}.{kind} {recorded[kind]} does not fit the model's layers {groups.sizes}"
+            )
+        offsets = torch.tensor(groups.layer_offsets())
+        rank = torch.arange(groups.num_groups) - offsets[groups.group_layer]
+        keep[kind] = rank < torch.tensor(counts)[groups.group_layer]
+    slice_model(model, structures, keep)
+    state = _read_weights(path)
+    dtypes = {t.dtype for t in state.values() if t.is_floating_point()}
+    if len(dtypes) == 1:
+        model.to(dtypes.pop())  # the saved precision (a bf16 export reloads as bf16)
+    result = model.load_state_dict(state, strict=False)
+    if result.unexpected_keys:
+        raise ValueError(f"{path}: weights for no module of the sliced model: {result.unexpected_keys[:5]}")
+    tied = _tied_to_loaded(model, set(state))
+    missing = [k for k in result.missing_keys if k not in tied]
+    if missing:
+        raise ValueError(f"{path}: no weights for {missing[:5]}")
+    return model.eval()
+
+
+def _tied_to_loaded(model: nn.Module, loaded: set[str]) -> set[str]:
+    """Names of parameters and buffers that share their tensor with a loaded one (tied embeddings) or are not
+    persistent (rotary tables, position ids)."""
+    by_tensor: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        by_tensor.setdefault(id(param), []).append(name)
+    tied = {n for names in by_tensor.values() if loaded & set(names) for n in names}
+    persistent = set(model.state_dict())
+    return tied | {n for n, _ in model.named_buffers() if n not in persistent}

@@ -1,0 +1,119 @@
+"""Scores of coupled groups (heads, FFN neurons) and their selection under a target, floors and rounding.
+
+Scores (higher = keep), over all coupled weights ``w_s`` of a group ``S`` (`prune_trainer.structures`):
+
+- magnitude: the group L2 norm ``‖w_S‖₂ = sqrt(Σ_{s∈S} w_s²)`` (group-lasso norm; Yuan & Lin 2006, as used for
+  structured pruning by Wen et al. 2016);
+- first-order Taylor: ``Σ_{s∈S} |g_s·w_s|``, the per-weight first-order importance of Molchanov et al. 2019
+  (eq. 3) summed over the group, from the per-step values accumulated by the callback.
+
+Selection keeps, per kind, the ``G - round(target·G)`` best groups (globally across layers or per layer), with
+kept sizes in each layer a multiple of ``round_to`` (or the whole layer) and at least ``floor`` groups per layer.
+All groups of one kind have the same number of weights, so the target is also the removed fraction of weights.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from prune_trainer.masking.selection import check_sparsity, finite_scores
+from prune_trainer.structures import GroupSet, group_reduce
+
+
+def magnitude_group_scores(groups: GroupSet, weights: dict[str, torch.Tensor]) -> torch.Tensor:
+    """``sqrt(Σ_{s∈S} w_s²)`` per group [G]."""
+    return group_reduce(groups, {n: w.detach().float().pow(2) for n, w in weights.items()}).sqrt()
+
+
+def taylor_group_importance(
+    groups: GroupSet, weights: dict[str, torch.Tensor], grads: dict[str, torch.Tensor]
+) -> torch.Tensor:
+    """``Σ_{s∈S} |g_s·w_s|`` per group [G] for one step's gradients (Linears without a gradient count 0)."""
+    values = {
+        n: (grads[n].detach().float() * w.detach().float()).abs() if grads.get(n) is not None else torch.zeros_like(w)
+        for n, w in weights.items()
+    }
+    return group_reduce(groups, values)
+
+
+def check_group_sizes(groups: GroupSet, round_to: int, floor: int, what: str) -> int:
+    """The per-layer floor rounded up to a multiple of ``round_to``; ValueError when it or ``round_to`` exceeds a
+    layer (the smallest layer is named)."""
+    if round_to < 1 or floor < 1:
+        raise ValueError(f"{what}: round_to and the per-layer floor must be >= 1, got {round_to} and {floor}")
+    smallest = min(groups.sizes)
+    layer = groups.sizes.index(smallest)
+    if round_to > smallest:
+        raise ValueError(f"{what}: round_to {round_to} is larger than layer {layer}, which has {smallest}")
+    kept_floor = -(-floor // round_to) * round_to
+    if kept_floor > smallest:
+        raise ValueError(
+            f"{what}: the per-layer floor of {floor} (rounded to {kept_floor}) is more than layer {layer} "
+            f"has ({smallest})"
+        )
+    return kept_floor
+
+
+def select_groups(
+    groups: GroupSet,
+    scores: torch.Tensor,
+    target: float,
+    scope: str = "global",
+    round_to: int = 1,
+    floor: int = 1,
+    removed: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Group keep-mask [G] removing about ``target`` of the groups, lowest scores first.
+
+    In each layer the groups are ranked by score and cut into blocks of ``round_to`` (the last one may be
+    shorter); blocks are kept whole, best first, so a layer keeps a multiple of ``round_to`` groups or all of
+    them. The first ``floor`` groups of every layer are always kept. ``scope="global"``: blocks compete across
+    layers on their mean score until ``G - round(target·G)`` groups are kept; ``"layer"``: each layer keeps
+    ``n_l - round(target·n_l)``. Counts are rounded up to whole blocks (never more removed than the target).
+    ``removed`` groups rank last (a removed group stays removed); NaN/inf scores rank below finite ones.
+    """
+    check_sparsity(target, "target")
+    floor = check_group_sizes(groups, round_to, floor, groups.kind)
+    scores = finite_scores(scores.detach().to("cpu"))
+    if removed is not None:
+        scores = scores.masked_fill(removed.to("cpu"), float("-inf"))
+    layer = groups.group_layer
+    num_layers = len(groups.sizes)
+    # order groups by layer, best score first within a layer (two stable sorts)
+    by_score = torch.sort(scores, descending=True, stable=True).indices
+    order = by_score[torch.sort(layer[by_score], stable=True).indices]
+    sizes = torch.tensor(groups.sizes)
+    starts = torch.cumsum(sizes, 0) - sizes
+    rank = torch.arange(order.numel()) - starts[layer[order]]  # rank within its layer
+    blocks_per_layer = (sizes + round_to - 1) // round_to
+    block_start = torch.cumsum(blocks_per_layer, 0) - blocks_per_layer
+    block = block_start[layer[order]] + rank // round_to  # block id of each ordered group
+    num_blocks = int(blocks_per_layer.sum())
+    block_size = torch.zeros(num_blocks).index_add_(0, block, torch.ones(order.numel()))
+    sorted_scores = scores[order]
+    in_floor = rank < floor
+    # mean score per block (-inf if any member is -inf); floor blocks first (+inf)
+    finite = torch.isfinite(sorted_scores)
+    block_sum = torch.zeros(num_blocks).index_add_(0, block, torch.where(finite, sorted_scores, 0.0))
+    block_bad = torch.zeros(num_blocks).index_add_(0, block, (~finite).float()) > 0
+    block_score = (block_sum / block_size).masked_fill(block_bad, float("-inf"))
+    block_floor = torch.zeros(num_blocks, dtype=torch.bool)
+    block_floor[block[in_floor]] = True
+    block_score = block_score.masked_fill(block_floor, float("inf"))
+    block_layer = torch.repeat_interleave(torch.arange(num_layers), blocks_per_layer)
+    if scope == "global":
+        keep_total = groups.num_groups - int(round(target * groups.num_groups))
+        best = torch.sort(block_score, descending=True, stable=True).indices  # ties: earlier block (same layer) first
+        before = torch.cumsum(block_size[best], 0) - block_size[best]
+        keep_block = torch.zeros(num_blocks, dtype=torch.bool)
+        keep_block[best] = before < keep_total
+    elif scope == "layer":
+        keep_layer = sizes - torch.round(target * sizes.double()).long()
+        before = torch.cumsum(block_size, 0) - block_size - torch.repeat_interleave(starts, blocks_per_layer)
+        keep_block = before < keep_layer[block_layer]
+    else:
+        raise ValueError(f"scope must be 'global' or 'layer', got {scope!r}")
+    keep_block |= block_floor
+    keep = torch.zeros(groups.num_groups, dtype=torch.bool)
+    keep[order] = keep_block[block]
+    return keep

@@ -1,0 +1,285 @@
+"""Coupled weight groups of transformer models: attention heads and FFN neurons, found from the model.
+
+Removing a structure means removing every weight it touches, in all the Linears it couples (Michel, Levy &
+Neubig 2019 for heads; the FFN neuron is a row of the first and a column of the second FFN matrix):
+
+- BERT family: head ``h`` of a layer = rows ``[h·d, (h+1)·d)`` of the query/key/value weights and biases and
+  columns ``[h·d, (h+1)·d)`` of the attention output dense (``d`` = head size);
+- Llama family (grouped-query attention): KV head ``g`` = its rows of k/v and the rows of its
+  ``r = num_attention_heads / num_key_value_heads`` query heads in q, with their columns of o;
+- FFN neuron ``i`` = row ``i`` (and bias ``i``) of each input Linear (intermediate dense; gate_proj and up_proj)
+  and column ``i`` of the output Linear.
+
+Groups are vectorised: each coupled Linear carries a tensor of *global* group ids, one per row (``axis=0``) or per
+column (``axis=1``), so a per-group reduction is one ``index_add_`` per Linear and a group mask becomes an element
+mask by one gather (``keep[group_ids]``). The only table of architectures is `ARCHITECTURES`, keyed by
+``config.model_type``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import nn
+
+StructureKind = Literal["heads", "ffn"]
+STRUCTURE_KINDS: tuple[str, ...] = ("heads", "ffn")
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """Where the coupled Linears of one model family live (module names relative to a transformer layer).
+
+    ``layers``: suffix of the ``nn.ModuleList`` of layers; ``attention``: the attention module (its head size is
+    ``head_size_attr``; ``head_count_attrs`` / ``head_width_attrs`` are its per-layer head count / ``count·d``
+    attributes, updated when heads are sliced away); ``grouped_kv``: heads are grouped-query KV groups.
+    """
+
+    layers: str
+    attention: str
+    query: str
+    key: str
+    value: str
+    attention_out: str
+    ffn_in: tuple[str, ...]
+    ffn_out: str
+    head_size_attr: str
+    grouped_kv: bool = False
+    head_count_attrs: tuple[str, ...] = ()
+    head_width_attrs: tuple[str, ...] = ()
+    ffn_module: str | None = None
+    ffn_size_attr: str | None = None
+
+
+_BERT = Architecture(
+    layers="encoder.layer", attention="attention.self", query="attention.self.query", key="attention.self.key",
+    value="attention.self.value", attention_out="attention.output.dense", ffn_in=("intermediate.dense",),
+    ffn_out="output.dense", head_size_attr="attention_head_size", head_count_attrs=("num_attention_heads",),
+    head_width_attrs=("all_head_size",),
+)
+_DISTILBERT = Architecture(
+    layers="transformer.layer", attention="attention", query="attention.q_lin", key="attention.k_lin",
+    value="attention.v_lin", attention_out="attention.out_lin", ffn_in=("ffn.lin1",), ffn_out="ffn.lin2",
+    head_size_attr="attention_head_size", head_count_attrs=("n_heads",),
+)
+_LLAMA = Architecture(
+    layers="layers", attention="self_attn", query="self_attn.q_proj", key="self_attn.k_proj",
+    value="self_attn.v_proj", attention_out="self_attn.o_proj", ffn_in=("mlp.gate_proj", "mlp.up_proj"),
+    ffn_out="mlp.down_proj", head_size_attr="head_dim", grouped_kv=True, ffn_module="mlp",
+    ffn_size_attr="intermediate_size",
+)
+
+ARCHITECTURES: dict[str, Architecture] = {
+    "bert": _BERT,
+    "roberta": _BERT,
+    "distilbert": _DISTILBERT,
+    "llama": _LLAMA,
+    "qwen2": _LLAMA,
+    "mistral": _LLAMA,
+}
+"""``config.model_type`` → where its heads and FFN neurons are (the one table to extend for a new family)."""
+
+
+def architecture_of(model: nn.Module) -> tuple[str, Architecture]:
+    """``(model_type, Architecture)`` of a Hugging Face model; ValueError naming the supported ones otherwise."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in ARCHITECTURES:
+        raise ValueError(
+            f"structured pruning does not know the architecture {model_type!r} ({type(model).__name__}); "
+            f"supported model_type values: {sorted(ARCHITECTURES)}"
+        )
+    return model_type, ARCHITECTURES[model_type]
+
+
+@dataclass
+class CoupledLinear:
+    """One Linear coupled to a kind of group: ``group_ids[j]`` is the global group of its row or column ``j``."""
+
+    name: str
+    axis: int
+    """0: the group owns rows (output features, and the bias entries); 1: columns (input features)."""
+    group_ids: torch.Tensor
+
+
+@dataclass
+class GroupSet:
+    """All groups of one kind (heads or FFN neurons) across layers, numbered globally layer after layer.
+
+    ``group_layer[g]``: layer index of group ``g``; ``sizes[l]``: groups in layer ``l``; ``weights_per_group``:
+    coupled weights per group (the same for every group of a kind); ``unit``: rows/columns per group in each
+    row-grouped Linear (``d`` for a head, ``1`` for a neuron; a Llama KV group has ``d`` rows in k/v, ``r·d`` in q).
+    """
+
+    kind: StructureKind
+    linears: list[CoupledLinear]
+    group_layer: torch.Tensor
+    sizes: list[int]
+    weights_per_group: int
+    layer_modules: list[str] = field(default_factory=list)
+    """The attention (heads) or FFN (ffn) module prefix of each layer, for attribute updates."""
+
+    @property
+    def num_groups(self) -> int:
+        return int(self.group_layer.numel())
+
+    def layer_offsets(self) -> list[int]:
+        """Global id of each layer's first group."""
+        out, acc = [], 0
+        for size in self.sizes:
+            out.append(acc)
+            acc += size
+        return out
+
+
+@dataclass
+class ModelStructures:
+    """The coupled groups of a model, by kind."""
+
+    model_type: str
+    architecture: Architecture
+    layer_prefixes: list[str]
+    groups: dict[str, GroupSet]
+    head_dim: int
+    queries_per_group: int
+    """Query heads removed with one head group: ``num_attention_heads / num_key_value_heads`` (1 without GQA)."""
+
+    def linear_names(self) -> list[str]:
+        """Qualified names of every coupled Linear (no Linear belongs to two kinds)."""
+        return [c.name for g in self.groups.values() for c in g.linears]
+
+
+def _layers(model: nn.Module, arch: Architecture) -> tuple[str, nn.ModuleList]:
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and (name == arch.layers or name.endswith("." + arch.layers)):
+            return name, module
+    raise ValueError(f"{type(model).__name__} has no layer list '*{arch.layers}' for its model_type")
+
+
+def _linear(model: nn.Module, name: str) -> nn.Linear:
+    module = model.get_submodule(name)
+    if not isinstance(module, nn.Linear):
+        raise ValueError(f"{name} is {type(module).__name__}, not an nn.Linear")
+    return module
+
+
+def find_structures(model: nn.Module, kinds: tuple[str, ...] | list[str] = STRUCTURE_KINDS) -> ModelStructures:
+    """The head and/or FFN groups of ``model`` (works on already-sliced models: sizes are read from the Linears).
+
+    Raises:
+        ValueError: unsupported architecture, unknown kind, or Linears whose shapes do not fit the head size.
+    """
+    unknown = set(kinds) - set(STRUCTURE_KINDS)
+    if unknown or not kinds:
+        raise ValueError(f"structures must be a non-empty subset of {list(STRUCTURE_KINDS)}, got {list(kinds)}")
+    model_type, arch = architecture_of(model)
+    list_name, layers = _layers(model, arch)
+    prefixes = [f"{list_name}.{i}" for i in range(len(layers))]
+    attention = model.get_submodule(f"{prefixes[0]}.{arch.attention}")
+    head_dim = int(getattr(attention, arch.head_size_attr))
+    rep = int(getattr(attention, "num_key_value_groups", 1)) if arch.grouped_kv else 1
+    groups: dict[str, GroupSet] = {}
+    if "heads" in kinds:
+        groups["heads"] = _head_groups(model, arch, prefixes, head_dim, rep)
+    if "ffn" in kinds:
+        groups["ffn"] = _ffn_groups(model, arch, prefixes)
+    return ModelStructures(model_type, arch, prefixes, groups, head_dim, rep)
+
+
+def _head_groups(model: nn.Module, arch: Architecture, prefixes: list[str], d: int, rep: int) -> GroupSet:
+    linears: list[CoupledLinear] = []
+    sizes: list[int] = []
+    layer_of: list[torch.Tensor] = []
+    offset = 0
+    weights_per_group = 0
+    for layer, prefix in enumerate(prefixes):
+        q, k, v, o = (_linear(model, f"{prefix}.{n}") for n in (arch.query, arch.key, arch.value, arch.attention_out))
+        kv_rows = k.out_features
+        fits = v.out_features == kv_rows and q.out_features == rep * kv_rows and o.in_features == q.out_features
+        if kv_rows % d or not fits:
+            raise ValueError(
+                f"{prefix}: attention shapes q {q.out_features}, k {k.out_features}, v {v.out_features}, "
+                f"o {o.in_features} do not fit head size {d} with {rep} query heads per KV head"
+            )
+        n = kv_rows // d
+        q_ids = torch.arange(q.out_features) // (d * rep) + offset
+        kv_ids = torch.arange(kv_rows) // d + offset
+        linears += [
+            CoupledLinear(f"{prefix}.{arch.query}", 0, q_ids),
+            CoupledLinear(f"{prefix}.{arch.key}", 0, kv_ids),
+            CoupledLinear(f"{prefix}.{arch.value}", 0, kv_ids.clone()),
+            CoupledLinear(f"{prefix}.{arch.attention_out}", 1, q_ids.clone()),
+        ]
+        weights_per_group = (2 * rep + 2) * d * q.in_features
+        sizes.append(n)
+        layer_of.append(torch.full((n,), layer, dtype=torch.long))
+        offset += n
+    return GroupSet("heads", linears, torch.cat(layer_of), sizes, weights_per_group,
+                    [f"{p}.{arch.attention}" for p in prefixes])
+
+
+def _ffn_groups(model: nn.Module, arch: Architecture, prefixes: list[str]) -> GroupSet:
+    linears: list[CoupledLinear] = []
+    sizes: list[int] = []
+    layer_of: list[torch.Tensor] = []
+    offset = 0
+    weights_per_group = 0
+    for layer, prefix in enumerate(prefixes):
+        ins = [_linear(model, f"{prefix}.{n}") for n in arch.ffn_in]
+        out = _linear(model, f"{prefix}.{arch.ffn_out}")
+        n = out.in_features
+        if any(lin.out_features != n for lin in ins):
+            raise ValueError(f"{prefix}: FFN input Linears {[lin.out_features for lin in ins]} != output's {n}")
+        ids = torch.arange(n) + offset
+        linears += [CoupledLinear(f"{prefix}.{name}", 0, ids.clone()) for name in arch.ffn_in]
+        linears.append(CoupledLinear(f"{prefix}.{arch.ffn_out}", 1, ids.clone()))
+        weights_per_group = sum(lin.in_features for lin in ins) + out.out_features
+        sizes.append(n)
+        layer_of.append(torch.full((n,), layer, dtype=torch.long))
+        offset += n
+    modules = [f"{p}.{arch.ffn_module}" if arch.ffn_module else "" for p in prefixes]
+    return GroupSet("ffn", linears, torch.cat(layer_of), sizes, weights_per_group, modules)
+
+
+def group_reduce(groups: GroupSet, values: dict[str, torch.Tensor]) -> torch.Tensor:
+    """``s_g = Σ_{(i,j) ∈ g} values[i, j]`` over every coupled weight of each group (float32, one vector [G]).
+
+    ``values`` maps each coupled Linear's name to a tensor of its weight's shape (e.g. ``W²`` or ``|W·∂L/∂W|``).
+    """
+    first = values[groups.linears[0].name]
+    total = torch.zeros(groups.num_groups, dtype=torch.float32, device=first.device)
+    for lin in groups.linears:
+        per_line = values[lin.name].float().sum(dim=1 - lin.axis)
+        total.index_add_(0, lin.group_ids.to(total.device), per_line)
+    return total
+
+
+def element_masks(groups: GroupSet, keep: torch.Tensor, shapes: dict[str, torch.Size]) -> dict[str, torch.Tensor]:
+    """Boolean keep-masks ``[out, in]`` of every coupled Linear implied by the group mask ``keep`` [G]."""
+    out = {}
+    for lin in groups.linears:
+        line = keep.to(torch.bool)[lin.group_ids.to(keep.device)]
+        shape = shapes[lin.name]
+        out[lin.name] = (line[:, None] if lin.axis == 0 else line[None, :]).expand(shape).contiguous()
+    return out
+
+
+def bias_masks(groups: GroupSet, keep: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Keep-masks of the biases owned by the groups (those of row-grouped Linears: ``keep[group_ids]``)."""
+    return {lin.name: keep.to(torch.bool)[lin.group_ids.to(keep.device)] for lin in groups.linears if lin.axis == 0}
+
+
+def kept_groups(groups: GroupSet, weights: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Group mask [G] of the groups with at least one non-zero coupled weight (all-zero = removed).
+
+    An all-zero group contributes nothing to the output whatever its biases: its output-side columns (attention
+    output dense / FFN output) are zero."""
+    return group_reduce(groups, {n: (w != 0) for n, w in weights.items()}) > 0
+
+
+def kept_sizes(groups: GroupSet, keep: torch.Tensor) -> list[int]:
+    """Kept groups per layer."""
+    counts = torch.zeros(len(groups.sizes), dtype=torch.long)
+    counts.index_add_(0, groups.group_layer, keep.to(device="cpu", dtype=torch.long))
+    return counts.tolist()
