@@ -19,7 +19,7 @@ mask by one gather (``keep[group_ids]``). The only table of architectures is `AR
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -187,13 +187,29 @@ def find_structures(model: nn.Module, kinds: tuple[str, ...] | list[str] = STRUC
     return ModelStructures(model_type, arch, prefixes, groups, head_dim, rep)
 
 
-def _head_groups(model: nn.Module, arch: Architecture, prefixes: list[str], d: int, rep: int) -> GroupSet:
+LayerGroups = tuple[list["CoupledLinear"], int, int]
+"""One layer's coupled Linears (group ids offset to be global), its group count, and weights per group."""
+
+
+def _collect(kind: str, prefixes: list[str], modules: list[str], layer_fn: Any) -> GroupSet:
+    """Concatenate the per-layer groups of ``layer_fn(prefix, offset) -> LayerGroups`` into one `GroupSet`."""
     linears: list[CoupledLinear] = []
     sizes: list[int] = []
-    layer_of: list[torch.Tensor] = []
-    offset = 0
-    weights_per_group = 0
-    for layer, prefix in enumerate(prefixes):
+    offset = weights_per_group = 0
+    for prefix in prefixes:
+        layer_linears, n, weights_per_group = layer_fn(prefix, offset)
+        linears += layer_linears
+        sizes.append(n)
+        offset += n
+    layer_of = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes, dtype=torch.long))
+    return GroupSet(kind, linears, layer_of, sizes, weights_per_group, modules)
+
+
+def _head_groups(model: nn.Module, arch: Architecture, prefixes: list[str], d: int, rep: int) -> GroupSet:
+    """Attention heads: with grouped KV heads a group is one KV head with its ``rep`` query heads
+    (q rows, k/v rows, o columns)."""
+
+    def layer(prefix: str, offset: int) -> LayerGroups:
         q, k, v, o = (_linear(model, f"{prefix}.{n}") for n in (arch.query, arch.key, arch.value, arch.attention_out))
         kv_rows = k.out_features
         fits = v.out_features == kv_rows and q.out_features == rep * kv_rows and o.in_features == q.out_features
@@ -202,44 +218,35 @@ def _head_groups(model: nn.Module, arch: Architecture, prefixes: list[str], d: i
                 f"{prefix}: attention shapes q {q.out_features}, k {k.out_features}, v {v.out_features}, "
                 f"o {o.in_features} do not fit head size {d} with {rep} query heads per KV head"
             )
-        n = kv_rows // d
         q_ids = torch.arange(q.out_features) // (d * rep) + offset
         kv_ids = torch.arange(kv_rows) // d + offset
-        linears += [
+        linears = [
             CoupledLinear(f"{prefix}.{arch.query}", 0, q_ids),
             CoupledLinear(f"{prefix}.{arch.key}", 0, kv_ids),
             CoupledLinear(f"{prefix}.{arch.value}", 0, kv_ids.clone()),
             CoupledLinear(f"{prefix}.{arch.attention_out}", 1, q_ids.clone()),
         ]
-        weights_per_group = (2 * rep + 2) * d * q.in_features
-        sizes.append(n)
-        layer_of.append(torch.full((n,), layer, dtype=torch.long))
-        offset += n
-    return GroupSet("heads", linears, torch.cat(layer_of), sizes, weights_per_group,
-                    [f"{p}.{arch.attention}" for p in prefixes])
+        return linears, kv_rows // d, (2 * rep + 2) * d * q.in_features
+
+    return _collect("heads", prefixes, [f"{p}.{arch.attention}" for p in prefixes], layer)
 
 
 def _ffn_groups(model: nn.Module, arch: Architecture, prefixes: list[str]) -> GroupSet:
-    linears: list[CoupledLinear] = []
-    sizes: list[int] = []
-    layer_of: list[torch.Tensor] = []
-    offset = 0
-    weights_per_group = 0
-    for layer, prefix in enumerate(prefixes):
+    """FFN neurons: row i of every FFN input Linear (and its bias) with column i of the output Linear."""
+
+    def layer(prefix: str, offset: int) -> LayerGroups:
         ins = [_linear(model, f"{prefix}.{n}") for n in arch.ffn_in]
         out = _linear(model, f"{prefix}.{arch.ffn_out}")
         n = out.in_features
         if any(lin.out_features != n for lin in ins):
             raise ValueError(f"{prefix}: FFN input Linears {[lin.out_features for lin in ins]} != output's {n}")
         ids = torch.arange(n) + offset
-        linears += [CoupledLinear(f"{prefix}.{name}", 0, ids.clone()) for name in arch.ffn_in]
+        linears = [CoupledLinear(f"{prefix}.{name}", 0, ids.clone()) for name in arch.ffn_in]
         linears.append(CoupledLinear(f"{prefix}.{arch.ffn_out}", 1, ids.clone()))
-        weights_per_group = sum(lin.in_features for lin in ins) + out.out_features
-        sizes.append(n)
-        layer_of.append(torch.full((n,), layer, dtype=torch.long))
-        offset += n
+        return linears, n, sum(lin.in_features for lin in ins) + out.out_features
+
     modules = [f"{p}.{arch.ffn_module}" if arch.ffn_module else "" for p in prefixes]
-    return GroupSet("ffn", linears, torch.cat(layer_of), sizes, weights_per_group, modules)
+    return _collect("ffn", prefixes, modules, layer)
 
 
 def group_reduce(groups: GroupSet, values: dict[str, torch.Tensor]) -> torch.Tensor:
