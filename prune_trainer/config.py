@@ -24,7 +24,7 @@ import yaml
 
 from prune_trainer.masking.inject import DEFAULT_EXCLUDE, DEFAULT_TARGETS
 from prune_trainer.masking.selection import parse_pattern
-from prune_trainer.options import Options
+from prune_trainer.options import Options, unknown_key_error
 from prune_trainer.schedules.schedule import PruningSchedule
 from prune_trainer.yaml_io import load_yaml
 
@@ -112,8 +112,6 @@ class PruningConfig(Options):
         conf = {k: v for k, v in overrides.items() if k in config_names}
         unknown = set(overrides) - set(sched) - set(opts) - set(conf)
         if unknown:
-            from prune_trainer.options import unknown_key_error
-
             raise unknown_key_error(f"{self.method} pruning", unknown, schedule_names | option_names | config_names)
         return dataclasses.replace(
             self,

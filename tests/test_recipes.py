@@ -190,12 +190,12 @@ def test_exponent_floats_are_floats_in_recipes_and_overrides(tmp_path):
     assert load_yaml("[2e-4, 1E5, 1.0e4, .5e-3, -3e+2, 0.5, 12, e5, 2.5e, abc]") == [
         2e-4, 1e5, 1e4, 5e-4, -300.0, 0.5, 12, "e5", "2.5e", "abc"]
     path = tmp_path / "r.yaml"
-    path.write_text("name: r\ntraining: {learning_rate: 3e-5}\npruning: {schedule: {pattern: '2:4'}}\n")
+    path.write_text("name: r\ntraining: {learning_rate: 3e-5}\npruning: {pattern: '2:4', schedule: {}}\n")
     recipe = load_recipe(path, ["training.weight_decay=1e-2", "pruning.schedule.final_sparsity=9e-1",
                                 "pruning.pattern=2:4"])
     assert recipe["training"] == {"learning_rate": 3e-5, "weight_decay": 0.01}
     assert isinstance(recipe["training"]["learning_rate"], float)
-    assert recipe["pruning"]["schedule"] == {"pattern": "2:4", "final_sparsity": 0.9}
+    assert recipe["pruning"]["schedule"] == {"final_sparsity": 0.9} and recipe["pruning"]["pattern"] == "2:4"
     assert PruningConfig.from_yaml("min_kept_fraction: 1e-2").min_kept_fraction == 0.01
 
 

@@ -36,6 +36,7 @@ from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from prune_trainer.config import PruningConfig
+from prune_trainer.io import atomic_write_json
 from prune_trainer.masking.inject import find_target_linears, inject_masked_layers
 from prune_trainer.masking.masked_linear import MaskedLinear
 from prune_trainer.masking.selection import check_nm, select_masks
@@ -251,12 +252,7 @@ class PruningCallback(TrainerCallback):
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         ckpt = checkpoint_dir(args, state)
         if os.path.isdir(ckpt) and state.is_world_process_zero:
-            tmp = os.path.join(ckpt, f".{STATE_FILE}.tmp")
-            with open(tmp, "w") as f:
-                json.dump(self.state_dict(), f, indent=2)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, os.path.join(ckpt, STATE_FILE))
+            atomic_write_json(os.path.join(ckpt, STATE_FILE), self.state_dict())
 
     # ---- checkpoint state -------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -41,6 +41,7 @@ from transformers import TrainerControl, TrainerState, TrainingArguments
 
 from prune_trainer.callbacks.base import MethodNeeds, PruningCallback, PruningContext, checkpoint_dir, is_distributed
 from prune_trainer.config import PruningConfig
+from prune_trainer.io import atomic_file
 from prune_trainer.methods.movement import hard_movement_masks, sigmoid_l1_penalty, soft_movement_masks
 from prune_trainer.options import Options
 
@@ -284,8 +285,8 @@ class MovementPruningCallback(PruningCallback):
         hyper = {k: v for k, v in group.items() if k != "params"}
         saved = {"group": hyper, "state": state, "layers": list(self.layers)}
         path = os.path.join(ckpt_dir, SCORE_OPTIMIZER_FILE)
-        torch.save(saved, path + ".tmp")
-        os.replace(path + ".tmp", path)  # complete or absent
+        with atomic_file(path) as tmp:  # complete or absent
+            torch.save(saved, tmp)
 
     def _load_score_optimizer(self, ckpt_dir: str) -> None:
         path = os.path.join(ckpt_dir, SCORE_OPTIMIZER_FILE)

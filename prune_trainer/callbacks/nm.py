@@ -25,6 +25,7 @@ from transformers import TrainerControl, TrainerState, TrainingArguments
 
 from prune_trainer.callbacks.base import MethodNeeds, PruningCallback, PruningContext, checkpoint_dir
 from prune_trainer.config import PruningConfig
+from prune_trainer.io import atomic_file
 from prune_trainer.masking.inject import find_target_linears, masked_layers
 from prune_trainer.masking.selection import nm_mask
 from prune_trainer.methods.nm_scores import (
@@ -254,8 +255,8 @@ class NMSparsityCallback(PruningCallback):
         ckpt = checkpoint_dir(args, state)
         if self.dense is not None and os.path.isdir(ckpt) and state.is_world_process_zero:
             path = os.path.join(ckpt, DENSE_FILE)
-            torch.save({n: t.cpu() for n, t in self.dense.items()}, path + ".tmp")
-            os.replace(path + ".tmp", path)
+            with atomic_file(path) as tmp:
+                torch.save({n: t.cpu() for n, t in self.dense.items()}, tmp)
 
     # ---- state --------------------------------------------------------------------------------------------
     def method_state(self) -> dict[str, Any]:

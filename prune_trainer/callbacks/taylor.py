@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from transformers import TrainerControl, TrainerState, TrainingArguments
 
 from prune_trainer.callbacks.base import PruningCallback, PruningContext, checkpoint_dir
+from prune_trainer.io import atomic_file
 from prune_trainer.methods.taylor import accumulate, taylor_importance
 from prune_trainer.options import Options
 
@@ -93,9 +94,8 @@ class TaylorPruningCallback(PruningCallback):
         super().on_save(args, state, control, **kwargs)
         ckpt = checkpoint_dir(args, state)
         if os.path.isdir(ckpt) and state.is_world_process_zero:
-            tmp = os.path.join(ckpt, f".{SCORES_FILE}.tmp")
-            save_file({n: s.contiguous().cpu() for n, s in self.scores.items()}, tmp)
-            os.replace(tmp, os.path.join(ckpt, SCORES_FILE))
+            with atomic_file(os.path.join(ckpt, SCORES_FILE)) as tmp:
+                save_file({n: s.contiguous().cpu() for n, s in self.scores.items()}, str(tmp))
 
     def method_state(self) -> dict[str, Any]:
         return {"steps_seen": self.steps_seen}

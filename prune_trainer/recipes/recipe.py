@@ -167,6 +167,10 @@ class Recipe:
             raise ValueError(f"{where}: on_nonfinite must be one of {NONFINITE_POLICIES}, got {self.on_nonfinite!r}")
         self.data.validate(where)
         check_training(self.training, where)
+        if self.pruning is not None:
+            from prune_trainer.config import PruningConfig
+
+            PruningConfig.from_dict(self.pruning)  # the method, its typed options and the schedule, checked here
 
     def resolved_training(self) -> dict[str, Any]:
         """`DEFAULT_TRAINING` updated with the recipe's ``training``."""

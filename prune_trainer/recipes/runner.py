@@ -34,7 +34,6 @@ from pathlib import Path
 from typing import Any
 
 from prune_trainer.io import atomic_write_json, atomic_write_text
-from prune_trainer.masking.selection import check_sparsity
 from prune_trainer.recipes.recipe import DEFAULT_TRAINING, Recipe, apply_override, load_recipe
 from prune_trainer.recipes.run_dir import (
     METRICS_FILE,
@@ -257,7 +256,6 @@ def _prepare(recipe: Recipe, results_root: str | os.PathLike) -> _Run:
     callbacks: list[Any] = []
     pruner = None
     if pruning_cfg is not None:
-        check_sparsity(pruning_cfg.schedule.final_sparsity, "final_sparsity")
         pruner = make_pruning_callback(model, pruning_cfg)
         callbacks.append(pruner)
     if recipe.distillation:  # {teacher: <path> | "init_from", alpha, temperature}
