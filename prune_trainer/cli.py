@@ -39,7 +39,35 @@ def build_parser() -> argparse.ArgumentParser:
                      help="delete an existing output folder and start over (default: resume it, same recipe only)")
     run.set_defaults(func=_run)
     _add_oneshot_parser(sub)
+    _add_bench_parser(sub)
     return parser
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from prune_trainer.bench import bench_models, format_report
+    from prune_trainer.io import atomic_write_json
+
+    modes = ("eager",) if args.no_compile else ("eager", "compile")
+    report = bench_models(args.model_dir, args.baseline, tuple(args.batch_sizes), args.seq_len, tuple(args.threads),
+                          modes, args.rounds, args.reps, progress=True)
+    print(format_report(report))
+    if args.json:
+        atomic_write_json(args.json, report)
+    return 0
+
+
+def _add_bench_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="inference latency of a model folder, side by side with a baseline")
+    p.add_argument("model_dir", help="model folder (an export of prune-trainer or any save_pretrained folder)")
+    p.add_argument("--baseline", help="model folder to compare with (e.g. the dense model)")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--rounds", type=int, default=5, help="rounds, the models alternating (default 5)")
+    p.add_argument("--reps", type=int, default=3, help="forwards per model per round (default 3)")
+    p.add_argument("--no-compile", action="store_true", help="eager only (skip torch.compile)")
+    p.add_argument("--json", help="write the report as JSON to this file")
+    p.set_defaults(func=_bench)
 
 
 def _oneshot(args: argparse.Namespace) -> int:
