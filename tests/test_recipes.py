@@ -87,7 +87,7 @@ def test_bad_input_is_a_clear_error_and_writes_nothing(tmp_path, tiny_model_dir,
 def test_unknown_recipe_key_is_an_error(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("name: x\ntrainig: {}\n")
-    with pytest.raises(ValueError, match="unknown key 'trainig'; did you mean 'training'.*allowed: data, "):
+    with pytest.raises(ValueError, match="unknown key 'trainig'; did you mean 'training'.*allowed: bench, data, "):
         load_recipe(path)
 
 
@@ -215,3 +215,52 @@ def test_runs_are_reproducible_when_the_checkpoint_has_no_task_head(tmp_path, co
         metrics = json.loads((tmp_path / run / "tiny_magnitude" / "metrics.json").read_text())
         losses.append([row["loss"] for row in metrics["log_history"] if "loss" in row])
     assert losses[0] and losses[0] == losses[1]
+
+
+def test_structured_recipe_exports_a_smaller_model_and_benches_it(tmp_path, conll_dir):
+    from helpers import tiny_bert
+
+    from prune_trainer.export.structured import load_pruned_model
+
+    model_dir = tmp_path / "tiny4"
+    tiny_bert(num_attention_heads=4, intermediate_size=64).save_pretrained(model_dir)
+    tiny_tokenizer().save_pretrained(model_dir)
+    recipe = {
+        "name": "tiny_structured",
+        "model": str(model_dir),
+        "data": {"max_length": 32, "data_dir": str(conll_dir)},
+        "training": {"max_steps": 8, "per_device_train_batch_size": 8, "learning_rate": 5e-3, "logging_steps": 4,
+                     "eval_strategy": "no", "save_steps": 4, "use_cpu": True, "disable_tqdm": True},
+        "pruning": {"method": "structured", "schedule": {"final_sparsity": 0.5, "start_step": 1, "end_step": 4,
+                                                         "frequency": 1},
+                    "options": {"score": "taylor", "round_to_ffn": 8}},
+        "bench": {"batch_sizes": [1, 2], "threads": [1], "seq_len": 16, "rounds": 1, "reps": 1},
+    }
+    path = tmp_path / "structured.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    assert main(["run", str(path), "--results-dir", str(tmp_path / "results")]) == 0
+    out = tmp_path / "results" / "tiny_structured"
+    metrics = json.loads((out / "metrics.json").read_text())
+    exported = load_pruned_model(out / "model")
+    structure = metrics["structure"]
+    assert structure == json.loads((out / "model" / "config.json").read_text())["prune_trainer_structure"]
+    assert sum(structure["heads"]) == 4 and sum(structure["ffn"]) == 64  # half of 2 layers x (4 heads, 64 neurons)
+    # sparsity is measured on the export: the removed fraction of the coupled Linears' weights
+    assert metrics["sparsity"] == pytest.approx(0.5, abs=1e-9)
+    assert exported.bert.encoder.layer[0].intermediate.dense.out_features == structure["ffn"][0]
+    assert metrics["params"] == sum(p.numel() for p in exported.parameters())
+    assert metrics["params"] < metrics["baseline_params"] and 0 < metrics["model_mib"] < metrics["baseline_mib"]
+    assert set(metrics) >= {"speedup_cpu_b1", "speedup_cpu_b2", "bench"}
+    assert metrics["bench"]["baseline_dir"] == str(model_dir) and metrics["speedup_cpu_b1"] > 0
+    assert not (out / "model" / "sparsity.json").exists()
+
+
+def test_bad_bench_options_are_clear_errors(tmp_path):
+    from prune_trainer.recipes.recipe import Recipe
+
+    with pytest.raises(ValueError, match="bench.batch_sizes must be a non-empty list of positive integers"):
+        Recipe.from_dict({"name": "x", "bench": {"batch_sizes": [0]}})
+    with pytest.raises(ValueError, match="unknown key 'batch'"):
+        Recipe.from_dict({"name": "x", "bench": {"batch": [1]}})
+    with pytest.raises(ValueError, match="bench.modes must be values of"):
+        Recipe.from_dict({"name": "x", "bench": {"modes": ["fast"]}})

@@ -197,7 +197,7 @@ def test_load_pruned_model_refuses_a_plain_checkpoint(tmp_path):
         load_pruned_model(tmp_path / "plain")
 
 
-@pytest.mark.parametrize("score", ["magnitude", "taylor"])
+@pytest.mark.parametrize("score", ["magnitude", "taylor", "fisher"])
 def test_trainer_run_reaches_the_target_with_exact_zeros(tmp_path, score):
     model = tiny_bert(num_attention_heads=4)
     pruner = StructuredPruningCallback(model, final_sparsity=0.5, start_step=2, end_step=10, frequency=2,
@@ -240,7 +240,9 @@ def test_registered_with_typed_options():
     assert isinstance(pruner, StructuredPruningCallback) and list(pruner.structures.groups) == ["ffn"]
     assert len(pruner.layers) == 4  # intermediate and output dense of two layers
     with pytest.raises(ValueError, match="score must be"):
-        PruningConfig(method="structured", options={"score": "fisher"})
+        PruningConfig(method="structured", options={"score": "hessian"})
+    with pytest.raises(ValueError, match="ema applies to score 'taylor' only"):
+        PruningConfig(method="structured", options={"score": "fisher", "ema": 0.9})
     with pytest.raises(ValueError, match="structures must be"):
         PruningConfig(method="structured", options={"structures": ["rows"]})
 
@@ -368,3 +370,64 @@ def test_a_bf16_export_reloads_as_bf16_with_the_same_logits(tmp_path):
     assert reloaded.model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
     with torch.no_grad():
         assert torch.allclose(reloaded(input_ids=x).logits.float(), masked.float(), atol=1e-2, rtol=1e-2)
+
+
+def test_fisher_group_score_equals_brute_force_per_sample_gate_gradients():
+    """Σ_n (∂L_n/∂m_g)² from the hooks == autograd of gates m_g multiplying each group's weights, sample by sample."""
+    torch.manual_seed(0)
+    model = tiny_bert(num_attention_heads=4)
+    pruner = StructuredPruningCallback(model, score="fisher")
+    model.train()
+    model.config.hidden_dropout_prob = model.config.attention_probs_dropout_prob = 0.0
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    n, t = 3, 7
+    ids = torch.randint(0, model.config.vocab_size, (n, t))
+    labels = torch.randint(0, model.config.num_labels, (n, t))
+    labels[1, 5:] = -100
+    pruner._install_fisher_hooks()
+    model(input_ids=ids, labels=labels).loss.backward()
+    pruner._flush_gate_grads()
+    assert pruner.fisher_samples == n
+    # brute force: gates on the groups, the batch loss split into each sample's share, autograd per sample
+    structures = pruner.structures
+    params = {name: p.detach() for name, p in model.named_parameters()}
+    gates = {kind: torch.ones(g.num_groups, requires_grad=True) for kind, g in structures.groups.items()}
+
+    def gated_params():
+        out = dict(params)
+        for kind, groups in structures.groups.items():
+            for lin in groups.linears:
+                gate = gates[kind][lin.group_ids]
+                key = f"{lin.name}.weight"
+                out[key] = params[key] * (gate[:, None] if lin.axis == 0 else gate[None, :])
+        return out
+
+    for handle in pruner._fisher_hooks:
+        handle.remove()
+    logits = torch.func.functional_call(model, gated_params(), (), {"input_ids": ids}).logits
+    token_loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none").view(n, t)
+    total_tokens = (labels != -100).sum()
+    expected = {kind: torch.zeros(g.num_groups) for kind, g in structures.groups.items()}
+    for i in range(n):
+        share = token_loss[i].sum() / total_tokens  # sample i's part of the mean loss the Trainer differentiates
+        grads = torch.autograd.grad(share, list(gates.values()), retain_graph=True)
+        for kind, grad in zip(gates, grads):
+            expected[kind] += grad.pow(2)
+    for kind in gates:
+        torch.testing.assert_close(pruner.fisher_sums[kind], expected[kind], rtol=1e-4, atol=1e-10)
+        assert bool((expected[kind] > 0).all())
+    scores = pruner.group_scores()
+    torch.testing.assert_close(scores["ffn"], 0.5 * expected["ffn"] / n, rtol=1e-4, atol=1e-12)
+
+
+def test_fisher_state_survives_the_checkpoint_and_needs_a_gradient():
+    pruner = StructuredPruningCallback(tiny_bert(num_attention_heads=4), score="fisher")
+    pruner.fisher_sums["ffn"].copy_(torch.arange(128.0))
+    pruner.fisher_samples = 9
+    other = StructuredPruningCallback(tiny_bert(num_attention_heads=4), score="fisher")
+    other.load_state_dict(json.loads(json.dumps(pruner.state_dict())))
+    assert torch.equal(other.fisher_sums["ffn"], pruner.fisher_sums["ffn"]) and other.fisher_samples == 9
+    with pytest.raises(ValueError, match="structured fisher pruning at step 0 .* has seen no gradient"):
+        StructuredPruningCallback(tiny_bert(), score="fisher").prune(0, target=0.3)

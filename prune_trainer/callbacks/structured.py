@@ -21,6 +21,8 @@ from prune_trainer.callbacks.base import PruningCallback, PruningContext
 from prune_trainer.config import PruningConfig
 from prune_trainer.methods.structured import (
     check_group_sizes,
+    gate_grads_columns,
+    gate_grads_rows,
     magnitude_group_scores,
     select_groups,
     taylor_group_importance,
@@ -40,8 +42,10 @@ from prune_trainer.structures import (
 @dataclass
 class StructuredOptions(Options):
     """``structures``: the kinds removed, ``"heads"`` (attention heads; KV groups under grouped-query attention)
-    and/or ``"ffn"`` (FFN neurons). ``score``: ``"magnitude"`` (group L2 norm) or ``"taylor"`` (``Σ|g·w|`` over the
-    group, averaged over the steps since the last pruning step, or an EMA with ``ema``). ``round_to_heads`` /
+    and/or ``"ffn"`` (FFN neurons). ``score``: ``"magnitude"`` (group L2 norm), ``"taylor"`` (``Σ|g·w|`` over the
+    group, averaged over the steps since the last pruning step, or an EMA with ``ema``) or ``"fisher"``
+    (``½ mean_n (Σ_S g_n·w)²`` over the training samples since the last pruning step, per-sample gradients from
+    activation hooks; `prune_trainer.methods.structured`). ``round_to_heads`` /
     ``round_to_ffn``: kept groups per layer are a multiple of it (or the whole layer). ``min_heads``: head groups
     always kept in each layer (>= 1: no layer loses every head); each layer keeps at least ``round_to_ffn``
     neurons."""
@@ -49,7 +53,7 @@ class StructuredOptions(Options):
     section = "structured options"
 
     structures: list[str] = field(default_factory=lambda: list(STRUCTURE_KINDS))
-    score: Literal["magnitude", "taylor"] = "magnitude"
+    score: Literal["magnitude", "taylor", "fisher"] = "magnitude"
     round_to_heads: int = 1
     round_to_ffn: int = 8
     min_heads: int = 1
@@ -73,6 +77,8 @@ class StructuredOptions(Options):
                 raise ValueError(f"structured options: {name} must be >= 1, got {getattr(self, name)}")
         if self.ema is not None and not 0.0 <= self.ema < 1.0:
             raise ValueError(f"structured options: ema must be in [0, 1) or null, got {self.ema!r}")
+        if self.ema is not None and self.score != "taylor":
+            raise ValueError(f"structured options: ema applies to score 'taylor' only, got score {self.score!r}")
 
 
 class StructuredPruningCallback(PruningCallback):
@@ -96,6 +102,11 @@ class StructuredPruningCallback(PruningCallback):
         self.taylor_scores = {k: torch.zeros(g.num_groups) for k, g in self.structures.groups.items()}
         self.steps_seen = 0
         """Optimizer steps folded into ``taylor_scores`` since they were last reset."""
+        self.fisher_sums = {k: torch.zeros(g.num_groups) for k, g in self.structures.groups.items()}
+        """``Σ_n (∂L_n/∂m_g)²`` per group over the samples since the last pruning step (score ``fisher``)."""
+        self.fisher_samples = 0
+        self._pending: dict[str, torch.Tensor] = {}
+        self._fisher_hooks: list[Any] = []
         self._bias_keep: dict[str, torch.Tensor] | None = None
 
     def prepare_config(self, config: PruningConfig, model: nn.Module) -> PruningConfig:
@@ -127,16 +138,21 @@ class StructuredPruningCallback(PruningCallback):
         """Score per group of each kind (higher = keep)."""
         if self.options.score == "taylor":
             return {k: s.clone() for k, s in self.taylor_scores.items()}
+        if self.options.score == "fisher":
+            self._flush_gate_grads()
+            return {k: 0.5 * s / max(self.fisher_samples, 1) for k, s in self.fisher_sums.items()}
         return {
             kind: magnitude_group_scores(groups, {lin.name: self.layers[lin.name].weight for lin in groups.linears})
             for kind, groups in self.structures.groups.items()
         }
 
     def compute_masks(self, step: int, target: float, context: PruningContext) -> dict[str, torch.Tensor]:
-        if self.options.score == "taylor" and self.steps_seen == 0 and target > self.current_target:
+        self._flush_gate_grads()
+        seen = {"taylor": self.steps_seen, "fisher": self.fisher_samples}.get(self.options.score, 1)
+        if seen == 0 and target > self.current_target:
             raise ValueError(
-                f"structured Taylor pruning at step {step} to {target:.3f} has seen no gradient yet: start pruning "
-                "after at least one training step (start_step >= 1)"
+                f"structured {self.options.score} pruning at step {step} to {target:.3f} has seen no gradient yet: "
+                "start pruning after at least one training step (start_step >= 1)"
             )
         scores, current = self.group_scores(), self.group_keep()
         masks: dict[str, torch.Tensor] = {}
@@ -150,7 +166,59 @@ class StructuredPruningCallback(PruningCallback):
             masks.update(element_masks(groups, keep.to(self.layers[groups.linears[0].name].weight.device), shapes))
         if self.options.score == "taylor" and self.options.ema is None:
             self.steps_seen = 0
+        if self.options.score == "fisher":
+            self.fisher_samples = 0
+            for sums in self.fisher_sums.values():
+                sums.zero_()
         return masks
+
+    # ---- per-sample gate gradients (score "fisher") ------------------------------------------
+    def _install_fisher_hooks(self) -> None:
+        """Forward hooks on the coupled Linears that, in training, hook the output's gradient and add each
+        sample's ``∂L_n/∂m_g`` contribution to ``_pending[kind]`` (summed over the group's Linears)."""
+        for kind, groups in self.structures.groups.items():
+            for lin in groups.linears:
+                module = self.layers[lin.name]
+                self._fisher_hooks.append(module.register_forward_hook(self._gate_hook(kind, lin.group_ids, lin.axis)))
+        self._fisher_hooks.append(self.model.register_forward_pre_hook(lambda *_: self._flush_gate_grads()))
+
+    def _gate_hook(self, kind: str, ids: torch.Tensor, axis: int) -> Any:
+        num_groups = self.structures.groups[kind].num_groups
+
+        def hook(module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> None:
+            if not (module.training and torch.is_grad_enabled() and output.requires_grad):
+                return
+            x = args[0].detach()
+            if axis == 0:
+                y = output.detach() - (module.bias.detach() if module.bias is not None else 0)
+
+                def grad_hook(grad: torch.Tensor) -> None:
+                    self._add_pending(kind, gate_grads_rows(ids, num_groups, y, grad))
+            else:
+                weight = module.weight.detach()
+
+                def grad_hook(grad: torch.Tensor) -> None:
+                    self._add_pending(kind, gate_grads_columns(ids, num_groups, x, grad @ weight.to(grad.dtype)))
+
+            output.register_hook(grad_hook)
+
+        return hook
+
+    def _add_pending(self, kind: str, values: torch.Tensor) -> None:
+        values = values.detach().cpu()
+        pending = self._pending.get(kind)
+        self._pending[kind] = values if pending is None else pending + values
+
+    def _flush_gate_grads(self) -> None:
+        """Fold the finished backward pass's per-sample gate gradients into ``Σ_n (∂L_n/∂m_g)²``."""
+        if not self._pending:
+            return
+        samples = 0
+        for kind, values in self._pending.items():
+            self.fisher_sums[kind] += values.pow(2).sum(0)
+            samples = values.shape[0]
+        self.fisher_samples += samples
+        self._pending = {}
 
     @torch.no_grad()
     def prune(self, step: int, context: PruningContext | None = None, target: float | None = None) -> None:
@@ -180,9 +248,18 @@ class StructuredPruningCallback(PruningCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         self._bias_keep = None  # masks may just have been restored from a checkpoint
         super().on_train_begin(args, state, control, **kwargs)
+        if self.options.score == "fisher" and not self._fisher_hooks:
+            self._install_fisher_hooks()
+
+    def on_train_end(self, args, state, control, **kwargs):
+        super().on_train_end(args, state, control, **kwargs)
+        for handle in self._fisher_hooks:
+            handle.remove()
+        self._fisher_hooks = []
 
     @torch.no_grad()
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        self._flush_gate_grads()
         if self.options.score == "taylor":
             for kind, groups in self.structures.groups.items():
                 names = [lin.name for lin in groups.linears]
@@ -199,10 +276,20 @@ class StructuredPruningCallback(PruningCallback):
 
     # ---- checkpoint state (group scores are small: JSON) ------------------------------------
     def method_state(self) -> dict[str, Any]:
-        return {"steps_seen": self.steps_seen, "taylor_scores": {k: s.tolist() for k, s in self.taylor_scores.items()}}
+        self._flush_gate_grads()
+        return {
+            "steps_seen": self.steps_seen,
+            "taylor_scores": {k: s.tolist() for k, s in self.taylor_scores.items()},
+            "fisher_samples": self.fisher_samples,
+            "fisher_sums": {k: s.tolist() for k, s in self.fisher_sums.items()},
+        }
 
     def load_method_state(self, state: dict[str, Any]) -> None:
         self.steps_seen = int(state.get("steps_seen", 0))
+        self.fisher_samples = int(state.get("fisher_samples", 0))
+        for kind, values in state.get("fisher_sums", {}).items():
+            if kind in self.fisher_sums:
+                self.fisher_sums[kind].copy_(torch.tensor(values, dtype=torch.float32))
         for kind, values in state.get("taylor_scores", {}).items():
             if kind in self.taylor_scores:
                 self.taylor_scores[kind].copy_(torch.tensor(values, dtype=torch.float32))

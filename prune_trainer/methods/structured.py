@@ -5,7 +5,13 @@ Scores (higher = keep), over all coupled weights ``w_s`` of a group ``S`` (`prun
 - magnitude: the group L2 norm ``‖w_S‖₂ = sqrt(Σ_{s∈S} w_s²)`` (group-lasso norm; Yuan & Lin 2006, as used for
   structured pruning by Wen et al. 2016);
 - first-order Taylor: ``Σ_{s∈S} |g_s·w_s|``, the per-weight first-order importance of Molchanov et al. 2019
-  (eq. 3) summed over the group, from the per-step values accumulated by the callback.
+  (eq. 3) summed over the group, from the per-step values accumulated by the callback;
+- Fisher: ``½ w_Sᵀ F_SS w_S = ½ · mean_n (Σ_{s∈S} g_{n,s} w_s)²`` with the empirical Fisher of the group's weights
+  over training samples ``n``: the second-order loss increase of removing ``S`` at a stationary point without a
+  compensating update (OBD's quadratic term, LeCun et al. 1990, with the empirical Fisher as in oBERT, Kurtic et
+  al. 2022, taken over the whole group as the mask-variable Fisher of Kwon et al. 2022, eq. 6–8).
+  ``Σ_{s∈S} g_{n,s} w_s = ∂L_n/∂m_S`` is the gradient of sample ``n``'s loss w.r.t. a gate ``m_S`` multiplying the
+  group's weights; `gate_grads_rows` / `gate_grads_columns` get it per sample from each Linear's activations.
 
 Selection keeps, per kind, the ``G - round(target·G)`` best groups (globally across layers or per layer), with
 kept sizes in each layer a multiple of ``round_to`` (or the whole layer) and at least ``floor`` groups per layer.
@@ -34,6 +40,30 @@ def taylor_group_importance(
         for n, w in weights.items()
     }
     return group_reduce(groups, values)
+
+
+def _per_sample_group_sums(ids: torch.Tensor, num_groups: int, prod: torch.Tensor) -> torch.Tensor:
+    """``[N, ..., C]`` values summed over the middle (token) dims, then over each group's channels: ``[N, G]``."""
+    per_channel = prod.reshape(prod.shape[0], -1, prod.shape[-1]).sum(1)
+    out = torch.zeros(per_channel.shape[0], num_groups, device=per_channel.device)
+    return out.index_add_(1, ids.to(per_channel.device), per_channel)
+
+
+def gate_grads_rows(
+    ids: torch.Tensor, num_groups: int, out_minus_bias: torch.Tensor, grad_out: torch.Tensor
+) -> torch.Tensor:
+    """Per-sample ``∂L_n/∂m_g`` from a Linear whose *rows* belong to groups: ``Σ_t Σ_{r∈g} ∂L/∂y[n,t,r]·(Wx)[n,t,r]``
+    (``Σ_{r∈g,c} g_{n,rc} w_rc`` with ``g_{n,rc} = Σ_t ∂L/∂y[n,t,r] x[n,t,c]``). ``out_minus_bias`` is ``y − b``,
+    ``[N, ..., out]``; returns ``[N, num_groups]`` (float32)."""
+    return _per_sample_group_sums(ids, num_groups, grad_out.float() * out_minus_bias.float())
+
+
+def gate_grads_columns(
+    ids: torch.Tensor, num_groups: int, inputs: torch.Tensor, grad_in: torch.Tensor
+) -> torch.Tensor:
+    """Per-sample ``∂L_n/∂m_g`` from a Linear whose *columns* are grouped: ``Σ_t Σ_{c∈g} x[n,t,c]·(∂L/∂y W)[n,t,c]``
+    (``grad_in = ∂L/∂y · W``, the gradient w.r.t. the input through this Linear only). Returns ``[N, num_groups]``."""
+    return _per_sample_group_sums(ids, num_groups, grad_in.float() * inputs.float())
 
 
 def check_group_sizes(groups: GroupSet, round_to: int, floor: int, what: str) -> int:

@@ -3,8 +3,9 @@
 Keys: ``name``, ``model``, ``init_from``, ``description``, ``output_dir``, ``data`` (`DataOptions`), ``training``
 (`TrainingArguments` fields, checked by name and type, then by a dry `TrainingArguments` construction),
 ``pruning`` (given to `PruningConfig.from_dict`, or null for dense), ``distillation``, ``factorize_embeddings``
-(a rank) and ``on_nonfinite`` (``error`` | ``skip``, see `FiniteCheckCallback`). An unknown key at any level is an
-error naming it, the allowed keys and the closest ones.
+(a rank), ``on_nonfinite`` (``error`` | ``skip``, see `FiniteCheckCallback`) and ``bench`` (`BenchOptions`: time the
+exported model against a baseline after the run, or null). An unknown key at any level is an error naming it, the
+allowed keys and the closest ones.
 """
 
 from __future__ import annotations
@@ -112,6 +113,51 @@ class DataOptions:
 
 
 @dataclass
+class BenchOptions:
+    """After export, time the exported model against ``baseline`` (default: the model the run started from,
+    ``init_from`` or ``model``) with `prune_trainer.bench.bench_models`, side by side in the same process; the
+    speed-ups go into ``metrics.json`` as ``speedup_cpu_b<batch>`` (the first thread count and mode)."""
+
+    baseline: str | None = None
+    batch_sizes: list[int] = field(default_factory=lambda: [1, 32])
+    seq_len: int = 128
+    threads: list[int] = field(default_factory=lambda: [2])
+    modes: list[str] = field(default_factory=lambda: ["eager"])
+    rounds: int = 5
+    reps: int = 3
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str) -> BenchOptions | None:
+        if data is None:
+            return None
+        if not isinstance(data, dict):
+            raise ValueError(f"{where}: 'bench' must be a mapping or null, got {type(data).__name__} {data!r}")
+        check_keys(data, {f.name for f in dataclasses.fields(cls)}, f"{where}: bench")
+        opts = cls(**data)
+        opts.validate(where)
+        return opts
+
+    def validate(self, where: str) -> None:
+        from prune_trainer.bench import MODES
+
+        hints = typing.get_type_hints(BenchOptions)
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if not type_matches(value, hints[f.name]):
+                raise ValueError(f"{where}: bench.{f.name} = {value!r} is not a valid {_type_name(hints[f.name])}")
+        for key in ("batch_sizes", "threads"):
+            values = getattr(self, key)
+            if not values or min(values) < 1:
+                raise ValueError(f"{where}: bench.{key} must be a non-empty list of positive integers, got {values!r}")
+        for key in ("seq_len", "rounds", "reps"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{where}: bench.{key} must be a positive integer, got {getattr(self, key)!r}")
+        bad = [m for m in self.modes if m not in MODES]
+        if not self.modes or bad:
+            raise ValueError(f"{where}: bench.modes must be values of {list(MODES)}, got {self.modes!r}")
+
+
+@dataclass
 class Recipe:
     """One run: model, data, `TrainingArguments` fields, pruning and the rest (see the module docstring).
 
@@ -129,6 +175,7 @@ class Recipe:
     distillation: dict[str, Any] | None = None
     factorize_embeddings: int | None = None
     on_nonfinite: str = "error"
+    bench: BenchOptions | None = None
     source: str = field(default="recipe", repr=False, compare=False)
 
     @classmethod
@@ -143,6 +190,7 @@ class Recipe:
         values = dict(data)
         values["data"] = DataOptions.from_dict(values.get("data"), source)
         values["training"] = {} if values.get("training") is None else values["training"]
+        values["bench"] = BenchOptions.from_dict(values.get("bench"), source)
         recipe = cls(**values, source=source)
         recipe.validate()
         return recipe
@@ -166,6 +214,8 @@ class Recipe:
         if self.on_nonfinite not in NONFINITE_POLICIES:
             raise ValueError(f"{where}: on_nonfinite must be one of {NONFINITE_POLICIES}, got {self.on_nonfinite!r}")
         self.data.validate(where)
+        if self.bench is not None:
+            self.bench.validate(where)
         check_training(self.training, where)
         if self.pruning is not None:
             from prune_trainer.config import PruningConfig
@@ -190,6 +240,10 @@ class Recipe:
         """Plain mapping of the fields (``data`` as a mapping), the recipe YAML's shape."""
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "source"}
         out["data"] = dataclasses.asdict(self.data)
+        if self.bench is None:  # absent rather than null: runs recorded before the key existed keep their identity
+            del out["bench"]
+        else:
+            out["bench"] = dataclasses.asdict(self.bench)
         return out
 
     def to_yaml(self) -> str:

@@ -315,15 +315,60 @@ def _evaluate_and_export(run: _Run, trainer: Any) -> tuple[dict[str, Any], dict[
         metrics.update({k: v for k, v in res.items() if k.startswith(prefix + "_")})
     if run.recipe.factorize_embeddings is not None:
         merge_word_embeddings(run.model)  # plain nn.Embedding holding A B: a standard checkpoint
-    report = export_pruned_model(
-        run.model,
-        run.out_dir / "model",
-        run.tokenizer,
-        method=run.pruning_cfg.method if run.pruning_cfg else "dense",
-        pattern=run.pruning_cfg.pattern if run.pruning_cfg else "unstructured",
-        config=run.recipe.to_dict(),
-    )
+    if run.pruning_cfg is not None and run.pruning_cfg.method == "structured":
+        report = _export_structured(run)
+    else:
+        report = export_pruned_model(
+            run.model,
+            run.out_dir / "model",
+            run.tokenizer,
+            method=run.pruning_cfg.method if run.pruning_cfg else "dense",
+            pattern=run.pruning_cfg.pattern if run.pruning_cfg else "unstructured",
+            config=run.recipe.to_dict(),
+        )
     return metrics, report
+
+
+def _export_structured(run: _Run) -> dict[str, Any]:
+    """Slice the removed heads and FFN neurons away (`export_structured_model`) and measure on the reloaded export
+    (`load_pruned_model`) what fraction of each coupled Linear's weights is gone: ``global_sparsity`` is
+    ``1 − Σ kept / Σ dense`` over the coupled Linears, ``per_layer`` the same per Linear; ``params`` counts the
+    exported model's parameters and ``model_mib`` its weight file."""
+    from prune_trainer.bench import weights_mib
+    from prune_trainer.export.structured import export_structured_model, load_pruned_model
+
+    names = run.pruner.structures.linear_names()
+    dense = {n: run.pruner.layers[n].weight.numel() for n in names}
+    sizes = export_structured_model(run.model, run.out_dir / "model", run.tokenizer)
+    exported = load_pruned_model(run.out_dir / "model")
+    kept = {n: exported.get_submodule(n).weight.numel() for n in names}
+    return {
+        "global_sparsity": 1.0 - sum(kept.values()) / sum(dense.values()),
+        "per_layer": {n: 1.0 - kept[n] / dense[n] for n in names},
+        "structure": sizes,
+        "params": sum(p.numel() for p in exported.parameters()),
+        "model_mib": weights_mib(run.out_dir / "model"),
+    }
+
+
+def _bench(run: _Run) -> dict[str, Any]:
+    """Time the exported model against the bench baseline (`BenchOptions`); the metrics it adds."""
+    from prune_trainer.bench import bench_models
+
+    opts = run.recipe.bench
+    baseline = opts.baseline or run.resolved["model_path"]
+    print(f"bench: {run.out_dir / 'model'} against {baseline}")
+    report = bench_models(
+        run.out_dir / "model", baseline, batch_sizes=tuple(opts.batch_sizes), seq_len=opts.seq_len,
+        threads=tuple(opts.threads), modes=tuple(opts.modes), rounds=opts.rounds, reps=opts.reps,
+    )
+    first = [r for r in report["settings"] if r["threads"] == opts.threads[0] and r["mode"] == opts.modes[0]]
+    return {  # bench_models loads and times both models on the CPU
+        **{f"speedup_cpu_b{r['batch_size']}": r["speedup"] for r in first},
+        "baseline_params": report["baseline_params"],
+        "baseline_mib": report["baseline_mib"],
+        "bench": report,
+    }
 
 
 def run_recipe(
@@ -348,6 +393,7 @@ def run_recipe(
             {
                 "sparsity": report["global_sparsity"],
                 "sparsity_per_layer": report["per_layer"],
+                **{k: report[k] for k in ("structure", "params", "model_mib") if k in report},
                 "train_loss": totals["train_loss_sum"] / max(trainer.state.global_step, 1),
                 "train_steps": trainer.state.global_step,
                 "resumed_from_step": resumed_from or 0,
@@ -362,6 +408,8 @@ def run_recipe(
                 "log_history": trainer.state.log_history,
             }
         )
+        if recipe.bench is not None and main_process:
+            metrics.update(_bench(run))
         atomic_write_text(out_dir / "config.yaml", recipe.to_yaml())
         atomic_write_text(out_dir / "README.md", results_markdown(metrics))
         atomic_write_json(out_dir / METRICS_FILE, metrics)  # last: its presence marks the run done
