@@ -112,30 +112,23 @@ def register_score_grad_averaging(pruner: MovementPruningCallback) -> list[Any]:
     return [p.register_post_accumulate_grad_hook(hook) for p in pruner.score_params()]
 
 
-class MovementPruningCallback(PruningCallback):
-    """Hard or soft movement pruning as a Trainer callback (options: `MovementOptions`).
+class TrainableScoresMixin:
+    """Training of mask scores next to the weights, shared by the methods whose masks are functions of
+    trainable scores (movement pruning of weights, `MovementPruningCallback`, and of groups,
+    `prune_trainer.callbacks.structured_movement`): the scores' own optimizer group and LR schedule, the soft
+    variant's penalty in the loss, DDP averaging of the score gradients, their optimizer state in checkpoints.
 
-    Example::
-
-        pruner = MovementPruningCallback(model, variant="hard", final_sparsity=0.9, start_step=0.1,
-                                         end_step=0.7, frequency=1, scope="layer")
-        Trainer(model=model, args=args, ..., callbacks=[pruner]).train()
+    A class using it is also a `PruningCallback` (listed after the mixin) and provides ``score_params()`` (the
+    score Parameters, frozen until ``on_train_begin``) and ``freeze_masks()`` (bake the masks in, drop the scores);
+    it calls `init_score_training` from its ``__init__``.
     """
 
-    method_name = "movement"
-    options_class = MovementOptions
-    needs = MethodNeeds(mask_in_forward=True, keeps_zeros=False, monotone=False, when="every_step")
-
-    def __init__(self, model: nn.Module, config: PruningConfig | None = None, **overrides: Any) -> None:
-        super().__init__(model, config, **overrides)
-        opts: MovementOptions = self.options
+    def init_score_training(self, opts: Any) -> None:
+        """Read ``variant``, ``score_lr``, ``final_threshold``, ``final_lambda`` from the options."""
         self.variant = opts.variant
         self.score_lr = opts.score_lr
         self.final_threshold = opts.final_threshold
         self.final_lambda = opts.final_lambda
-        for layer in self.layers.values():
-            # Frozen until on_train_begin so that the Trainer's own param groups never hold them.
-            layer.attach_scores(opts.score_init, requires_grad=False)
         self.current_threshold = 0.0
         self.current_lambda = 0.0
         self.last_penalty: float | None = None
@@ -143,20 +136,11 @@ class MovementPruningCallback(PruningCallback):
         self._optimizer: torch.optim.Optimizer | None = None
         self._hooks: list[Any] = []
 
-    def prepare_config(self, config: PruningConfig, model: nn.Module) -> PruningConfig:
-        if config.nm is not None:
-            raise ValueError(f"movement pruning is unstructured; got pattern {config.pattern!r}")
-        return config
-
-    # ---- scores and masks --------------------------------------------------------------------
     def score_params(self) -> list[nn.Parameter]:
-        """The score Parameters, in layer order (empty once finalized)."""
-        return [layer.mask_scores for layer in self.layers.values() if layer.mask_scores is not None]
+        raise NotImplementedError
 
-    def scores(self) -> dict[str, torch.Tensor]:
-        """The current scores by layer (detached; empty once finalized)."""
-        layers = self.layers.items()
-        return {name: layer.mask_scores.detach() for name, layer in layers if layer.mask_scores is not None}
+    def freeze_masks(self) -> None:
+        raise NotImplementedError
 
     def progress(self, step: int) -> float:
         """Schedule progress ``p_t = (s_t - s_i) / (s_f - s_i)`` in [0, 1] (1 once past the start if s_f = s_i)."""
@@ -165,18 +149,6 @@ class MovementPruningCallback(PruningCallback):
         if span <= 0:
             return 1.0 if step >= int(self.schedule.start_step) else 0.0
         return min(1.0, max(0.0, (target - self.schedule.initial_sparsity) / span))
-
-    def compute_masks(self, step: int, target: float, context: PruningContext) -> dict[str, torch.Tensor]:
-        """Masks from the current scores for the schedule at ``step`` (weights are not zeroed)."""
-        scores = self.scores()
-        if not scores:
-            return {}
-        if self.variant == "hard":
-            return hard_movement_masks(scores, target, self.config.scope, self.config.min_kept_fraction)
-        p = self.progress(step)
-        self.current_threshold = p * self.final_threshold
-        self.current_lambda = p * self.final_lambda
-        return soft_movement_masks(scores, self.current_threshold, self.config.min_kept_fraction)
 
     def average_score_grads(self) -> None:
         """Under torch.distributed, replace each score gradient by its mean over ranks (one all-reduce).
@@ -207,9 +179,8 @@ class MovementPruningCallback(PruningCallback):
 
     @torch.no_grad()
     def finalize(self) -> None:
-        """Freeze the masks: zero the pruned weights, drop the scores, remove hooks (idempotent)."""
-        for layer in self.layers.values():
-            layer.freeze()
+        """Freeze the masks (`freeze_masks`: pruned weights zeroed, scores dropped), remove hooks (idempotent)."""
+        self.freeze_masks()
         self._detach_from_optimizer()
         self._remove_hooks()
         self.finalized = True
@@ -325,13 +296,13 @@ class MovementPruningCallback(PruningCallback):
     # ---- Trainer events ----------------------------------------------------------------------
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         if self.finalized:
-            raise RuntimeError("this MovementPruningCallback was finalized (scores dropped); create a new one")
+            raise RuntimeError(f"this {type(self).__name__} was finalized (scores dropped); create a new one")
         super().on_train_begin(args, state, control, **kwargs)  # resume state, then masks from the scores
         for p in self.score_params():
             p.requires_grad_(True)
         optimizer = kwargs.get("optimizer")
         if optimizer is None:
-            raise RuntimeError("MovementPruningCallback needs the Trainer's optimizer at on_train_begin")
+            raise RuntimeError(f"{type(self).__name__} needs the Trainer's optimizer at on_train_begin")
         self._attach_to_optimizer(optimizer)
         self._attach_to_scheduler(kwargs.get("lr_scheduler"))
         if state.global_step > 0:
@@ -369,6 +340,64 @@ class MovementPruningCallback(PruningCallback):
             raise ValueError(f"checkpoint is for movement variant {state['variant']!r}, not {self.variant!r}")
         self.current_threshold = float(state.get("current_threshold", 0.0))
         self.current_lambda = float(state.get("current_lambda", 0.0))
+
+
+
+
+class MovementPruningCallback(TrainableScoresMixin, PruningCallback):
+    """Hard or soft movement pruning as a Trainer callback (options: `MovementOptions`).
+
+    Example::
+
+        pruner = MovementPruningCallback(model, variant="hard", final_sparsity=0.9, start_step=0.1,
+                                         end_step=0.7, frequency=1, scope="layer")
+        Trainer(model=model, args=args, ..., callbacks=[pruner]).train()
+    """
+
+    method_name = "movement"
+    options_class = MovementOptions
+    needs = MethodNeeds(mask_in_forward=True, keeps_zeros=False, monotone=False, when="every_step")
+
+    def __init__(self, model: nn.Module, config: PruningConfig | None = None, **overrides: Any) -> None:
+        super().__init__(model, config, **overrides)
+        opts: MovementOptions = self.options
+        self.init_score_training(opts)
+        for layer in self.layers.values():
+            # Frozen until on_train_begin so that the Trainer's own param groups never hold them.
+            layer.attach_scores(opts.score_init, requires_grad=False)
+
+    def prepare_config(self, config: PruningConfig, model: nn.Module) -> PruningConfig:
+        if config.nm is not None:
+            raise ValueError(f"movement pruning is unstructured; got pattern {config.pattern!r}")
+        return config
+
+    # ---- scores and masks ------------------------------------------------------------------
+    def score_params(self) -> list[nn.Parameter]:
+        """The score Parameters, in layer order (empty once finalized)."""
+        return [layer.mask_scores for layer in self.layers.values() if layer.mask_scores is not None]
+
+    def scores(self) -> dict[str, torch.Tensor]:
+        """The current scores by layer (detached; empty once finalized)."""
+        layers = self.layers.items()
+        return {name: layer.mask_scores.detach() for name, layer in layers if layer.mask_scores is not None}
+
+    def compute_masks(self, step: int, target: float, context: PruningContext) -> dict[str, torch.Tensor]:
+        """Masks from the current scores for the schedule at ``step`` (weights are not zeroed)."""
+        scores = self.scores()
+        if not scores:
+            return {}
+        if self.variant == "hard":
+            return hard_movement_masks(scores, target, self.config.scope, self.config.min_kept_fraction)
+        p = self.progress(step)
+        self.current_threshold = p * self.final_threshold
+        self.current_lambda = p * self.final_lambda
+        return soft_movement_masks(scores, self.current_threshold, self.config.min_kept_fraction)
+
+    @torch.no_grad()
+    def freeze_masks(self) -> None:
+        """Zero the pruned weights and drop the scores."""
+        for layer in self.layers.values():
+            layer.freeze()
 
 
 def _drop_score_group_from_state_dict(optimizer: torch.optim.Optimizer, state_dict: dict[str, Any]) -> dict[str, Any]:

@@ -40,12 +40,9 @@ from prune_trainer.structures import (
 
 
 @dataclass
-class StructuredOptions(Options):
-    """``structures``: the kinds removed, ``"heads"`` (attention heads; KV groups under grouped-query attention)
-    and/or ``"ffn"`` (FFN neurons). ``score``: ``"magnitude"`` (group L2 norm), ``"taylor"`` (``Σ|g·w|`` over the
-    group, averaged over the steps since the last pruning step, or an EMA with ``ema``) or ``"fisher"``
-    (``½ mean_n (Σ_S g_n·w)²`` over the training samples since the last pruning step, per-sample gradients from
-    activation hooks; `prune_trainer.methods.structured`). ``round_to_heads`` /
+class GroupOptions(Options):
+    """Options shared by the group-pruning methods. ``structures``: the kinds removed, ``"heads"`` (attention
+    heads; KV groups under grouped-query attention) and/or ``"ffn"`` (FFN neurons). ``round_to_heads`` /
     ``round_to_ffn``: kept groups per layer are a multiple of it (or the whole layer). ``min_heads``: head groups
     always kept in each layer (>= 1: no layer loses every head); each layer keeps at least ``round_to_ffn``
     neurons."""
@@ -53,35 +50,143 @@ class StructuredOptions(Options):
     section = "structured options"
 
     structures: list[str] = field(default_factory=lambda: list(STRUCTURE_KINDS))
-    score: Literal["magnitude", "taylor", "fisher"] = "magnitude"
     round_to_heads: int = 1
     round_to_ffn: int = 8
     min_heads: int = 1
-    ema: float | None = None
 
     def validate(self) -> None:
         if not self.structures or set(self.structures) - set(STRUCTURE_KINDS) or len(set(self.structures)) != len(
             self.structures
         ):
             raise ValueError(
-                f"structured options: structures must be distinct values of {list(STRUCTURE_KINDS)}, "
+                f"{self.section}: structures must be distinct values of {list(STRUCTURE_KINDS)}, "
                 f"got {self.structures!r}"
             )
         if self.min_heads < 1:
             raise ValueError(
-                f"structured options: min_heads must be >= 1 (removing every head of a layer is not supported), "
+                f"{self.section}: min_heads must be >= 1 (removing every head of a layer is not supported), "
                 f"got {self.min_heads}"
             )
         for name in ("round_to_heads", "round_to_ffn"):
             if getattr(self, name) < 1:
-                raise ValueError(f"structured options: {name} must be >= 1, got {getattr(self, name)}")
+                raise ValueError(f"{self.section}: {name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass
+class StructuredOptions(GroupOptions):
+    """`GroupOptions` plus the group score. ``score``: ``"magnitude"`` (group L2 norm), ``"taylor"`` (``Σ|g·w|``
+    over the group, averaged over the steps since the last pruning step, or an EMA with ``ema``) or ``"fisher"``
+    (``½ mean_n (Σ_S g_n·w)²`` over the training samples since the last pruning step, per-sample gradients from
+    activation hooks; `prune_trainer.methods.structured`)."""
+
+    section = "structured options"
+
+    score: Literal["magnitude", "taylor", "fisher"] = "magnitude"
+    ema: float | None = None
+
+    def validate(self) -> None:
+        super().validate()
         if self.ema is not None and not 0.0 <= self.ema < 1.0:
             raise ValueError(f"structured options: ema must be in [0, 1) or null, got {self.ema!r}")
         if self.ema is not None and self.score != "taylor":
             raise ValueError(f"structured options: ema applies to score 'taylor' only, got score {self.score!r}")
 
 
-class StructuredPruningCallback(PruningCallback):
+class GroupPruningCallback(PruningCallback):
+    """Base of the methods that remove whole groups (`prune_trainer.structures`): finds the groups, checks the
+    floors, turns group masks into element masks, and keeps the removed groups' biases at zero when the method
+    keeps zeros. ``targets`` / ``exclude`` of the config are replaced by the coupled Linears of every layer;
+    ``pattern`` must be unstructured."""
+
+    options_class = GroupOptions
+
+    def prepare_config(self, config: PruningConfig, model: nn.Module) -> PruningConfig:
+        if config.nm is not None:
+            raise ValueError(
+                f"structured pruning removes whole groups: pattern must be unstructured, got {config.pattern!r}"
+            )
+        options: GroupOptions = config.options  # type: ignore[assignment]
+        structures = find_structures(model, options.structures)
+        floors = {
+            "heads": (options.round_to_heads, options.min_heads),
+            "ffn": (options.round_to_ffn, options.round_to_ffn),
+        }
+        for kind, groups in structures.groups.items():
+            check_group_sizes(groups, *floors[kind], f"structured {kind}")
+        self.structures: ModelStructures = structures
+        self.floors = floors
+        self._bias_keep: dict[str, torch.Tensor] | None = None
+        return config.replace(targets=[f"^{re.escape(n)}$" for n in structures.linear_names()], exclude=[])
+
+    def group_keep(self) -> dict[str, torch.Tensor]:
+        """Current group mask of each kind (a group is kept while any of its weights is unmasked)."""
+        return {
+            kind: kept_groups(groups, {lin.name: self.layers[lin.name].weight_mask for lin in groups.linears})
+            for kind, groups in self.structures.groups.items()
+        }
+
+    def select_keep(self, scores: dict[str, torch.Tensor], target: float) -> dict[str, torch.Tensor]:
+        """Group masks keeping the best ``1 − target`` of each kind (scope, floors and rounding of the options);
+        with ``needs.monotone`` removed groups stay removed."""
+        current = self.group_keep() if self.needs.monotone else None
+        return {
+            kind: select_groups(
+                groups, scores[kind], target, self.config.scope, *self.floors[kind],
+                removed=~current[kind] if current is not None else None,
+            )
+            for kind, groups in self.structures.groups.items()
+        }
+
+    def element_masks(self, keep: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Element masks of every coupled Linear from the group masks."""
+        masks: dict[str, torch.Tensor] = {}
+        for kind, groups in self.structures.groups.items():
+            shapes = {lin.name: self.layers[lin.name].weight.shape for lin in groups.linears}
+            device = self.layers[groups.linears[0].name].weight.device
+            masks.update(element_masks(groups, keep[kind].to(device), shapes))
+        return masks
+
+    @torch.no_grad()
+    def prune(self, step: int, context: PruningContext | None = None, target: float | None = None) -> None:
+        super().prune(step, context, target)
+        self._bias_keep = None
+        if self.needs.keeps_zeros:
+            self.apply_bias_masks()
+
+    def bias_keep(self) -> dict[str, torch.Tensor]:
+        """Keep-mask of the biases owned by groups (from the current weight masks; cached until the next prune)."""
+        if self._bias_keep is None:
+            keep = self.group_keep()
+            self._bias_keep = {}
+            for kind, groups in self.structures.groups.items():
+                self._bias_keep.update(bias_masks(groups, keep[kind]))
+        return self._bias_keep
+
+    @torch.no_grad()
+    def apply_bias_masks(self, grads: bool = False) -> None:
+        """Zero the removed groups' biases (or, with ``grads``, their gradients)."""
+        for name, keep in self.bias_keep().items():
+            bias = self.layers[name].bias
+            target = None if bias is None else (bias.grad if grads else bias)
+            if target is not None:
+                target.masked_fill_(~keep.to(target.device), 0)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._bias_keep = None  # masks may just have been restored from a checkpoint
+        super().on_train_begin(args, state, control, **kwargs)
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        super().on_pre_optimizer_step(args, state, control, **kwargs)
+        if self.needs.keeps_zeros:
+            self.apply_bias_masks(grads=True)
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        super().on_optimizer_step(args, state, control, **kwargs)
+        if self.needs.keeps_zeros:
+            self.apply_bias_masks()
+
+
+class StructuredPruningCallback(GroupPruningCallback):
     """Remove the lowest-scoring attention heads and FFN neurons for the scheduled target.
 
     ``targets`` / ``exclude`` of the config are replaced by the coupled Linears of every layer; ``scope`` is
@@ -107,32 +212,6 @@ class StructuredPruningCallback(PruningCallback):
         self.fisher_samples = 0
         self._pending: dict[str, torch.Tensor] = {}
         self._fisher_hooks: list[Any] = []
-        self._bias_keep: dict[str, torch.Tensor] | None = None
-
-    def prepare_config(self, config: PruningConfig, model: nn.Module) -> PruningConfig:
-        if config.nm is not None:
-            raise ValueError(
-                f"structured pruning removes whole groups: pattern must be unstructured, got {config.pattern!r}"
-            )
-        options: StructuredOptions = config.options  # type: ignore[assignment]
-        structures = find_structures(model, options.structures)
-        floors = {
-            "heads": (options.round_to_heads, options.min_heads),
-            "ffn": (options.round_to_ffn, options.round_to_ffn),
-        }
-        for kind, groups in structures.groups.items():
-            check_group_sizes(groups, *floors[kind], f"structured {kind}")
-        self.structures: ModelStructures = structures
-        self.floors = floors
-        return config.replace(targets=[f"^{re.escape(n)}$" for n in structures.linear_names()], exclude=[])
-
-    # ---- masks ------------------------------------------------------------------------------
-    def group_keep(self) -> dict[str, torch.Tensor]:
-        """Current group mask of each kind (a group is kept while any of its weights is unmasked)."""
-        return {
-            kind: kept_groups(groups, {lin.name: self.layers[lin.name].weight_mask for lin in groups.linears})
-            for kind, groups in self.structures.groups.items()
-        }
 
     def group_scores(self) -> dict[str, torch.Tensor]:
         """Score per group of each kind (higher = keep)."""
@@ -154,16 +233,7 @@ class StructuredPruningCallback(PruningCallback):
                 f"structured {self.options.score} pruning at step {step} to {target:.3f} has seen no gradient yet: "
                 "start pruning after at least one training step (start_step >= 1)"
             )
-        scores, current = self.group_scores(), self.group_keep()
-        masks: dict[str, torch.Tensor] = {}
-        for kind, groups in self.structures.groups.items():
-            round_to, floor = self.floors[kind]
-            keep = select_groups(
-                groups, scores[kind], target, self.config.scope, round_to, floor,
-                removed=~current[kind] if self.needs.monotone else None,
-            )
-            shapes = {lin.name: self.layers[lin.name].weight.shape for lin in groups.linears}
-            masks.update(element_masks(groups, keep.to(self.layers[groups.linears[0].name].weight.device), shapes))
+        masks = self.element_masks(self.select_keep(self.group_scores(), target))
         if self.options.score == "taylor" and self.options.ema is None:
             self.steps_seen = 0
         if self.options.score == "fisher":
@@ -220,33 +290,8 @@ class StructuredPruningCallback(PruningCallback):
         self.fisher_samples += samples
         self._pending = {}
 
-    @torch.no_grad()
-    def prune(self, step: int, context: PruningContext | None = None, target: float | None = None) -> None:
-        super().prune(step, context, target)
-        self._bias_keep = None
-        self.apply_bias_masks()
-
-    def bias_keep(self) -> dict[str, torch.Tensor]:
-        """Keep-mask of the biases owned by groups (from the current weight masks; cached until the next prune)."""
-        if self._bias_keep is None:
-            keep = self.group_keep()
-            self._bias_keep = {}
-            for kind, groups in self.structures.groups.items():
-                self._bias_keep.update(bias_masks(groups, keep[kind]))
-        return self._bias_keep
-
-    @torch.no_grad()
-    def apply_bias_masks(self, grads: bool = False) -> None:
-        """Zero the removed groups' biases (or, with ``grads``, their gradients)."""
-        for name, keep in self.bias_keep().items():
-            bias = self.layers[name].bias
-            target = None if bias is None else (bias.grad if grads else bias)
-            if target is not None:
-                target.masked_fill_(~keep.to(target.device), 0)
-
     # ---- Trainer events ---------------------------------------------------------------------
     def on_train_begin(self, args, state, control, **kwargs):
-        self._bias_keep = None  # masks may just have been restored from a checkpoint
         super().on_train_begin(args, state, control, **kwargs)
         if self.options.score == "fisher" and not self._fisher_hooks:
             self._install_fisher_hooks()
@@ -268,11 +313,6 @@ class StructuredPruningCallback(PruningCallback):
                 accumulate(self.taylor_scores[kind], importance.cpu(), self.steps_seen, self.options.ema)
             self.steps_seen += 1
         super().on_pre_optimizer_step(args, state, control, **kwargs)
-        self.apply_bias_masks(grads=True)
-
-    def on_optimizer_step(self, args, state, control, **kwargs):
-        super().on_optimizer_step(args, state, control, **kwargs)
-        self.apply_bias_masks()
 
     # ---- checkpoint state (group scores are small: JSON) ------------------------------------
     def method_state(self) -> dict[str, Any]:
