@@ -8,7 +8,10 @@ Neubig 2019 for heads; the FFN neuron is a row of the first and a column of the 
 - Llama family (grouped-query attention): KV head ``g`` = its rows of k/v and the rows of its
   ``r = num_attention_heads / num_key_value_heads`` query heads in q, with their columns of o;
 - FFN neuron ``i`` = row ``i`` (and bias ``i``) of each input Linear (intermediate dense; gate_proj and up_proj)
-  and column ``i`` of the output Linear.
+  and column ``i`` of the output Linear;
+- fused Linears (ModernBERT's ``Wqkv`` = ``[q | k | v]`` and GLU ``Wi`` = ``[input | gate]``) are one coupled
+  Linear whose group ids repeat per part; DeBERTa-v2's relative-position projections (``pos_key_proj``,
+  ``pos_query_proj``) are per-head rows too and go with their head.
 
 Groups are vectorised: each coupled Linear carries a tensor of *global* group ids, one per row (``axis=0``) or per
 column (``axis=1``), so a per-group reduction is one ``index_add_`` per Linear and a group mask becomes an element
@@ -35,22 +38,36 @@ class Architecture:
     ``layers``: suffix of the ``nn.ModuleList`` of layers; ``attention``: the attention module (its head size is
     ``head_size_attr``; ``head_count_attrs`` / ``head_width_attrs`` are its per-layer head count / ``count·d``
     attributes, updated when heads are sliced away); ``grouped_kv``: heads are grouped-query KV groups.
+    ``fused_qkv``: one Linear with rows ``[q | k | v]`` (each ``H·d`` wide, heads contiguous inside each) instead
+    of ``query``/``key``/``value``; ``head_rows``: further per-head row-grouped Linears, coupled where the layer
+    has them (DeBERTa's relative-position projections); ``fused_glu``: ``ffn_in`` is one Linear with rows
+    ``[input | gate]``, each ``intermediate`` wide (neuron ``i`` owns rows ``i`` and ``n + i``).
     """
 
     layers: str
     attention: str
-    query: str
-    key: str
-    value: str
     attention_out: str
     ffn_in: tuple[str, ...]
     ffn_out: str
     head_size_attr: str
+    query: str = ""
+    key: str = ""
+    value: str = ""
+    fused_qkv: str = ""
+    head_rows: tuple[str, ...] = ()
+    fused_glu: bool = False
     grouped_kv: bool = False
     head_count_attrs: tuple[str, ...] = ()
     head_width_attrs: tuple[str, ...] = ()
     ffn_module: str | None = None
     ffn_size_attr: str | None = None
+
+    def __post_init__(self) -> None:
+        separate = (self.query, self.key, self.value)
+        if bool(self.fused_qkv) == any(separate) or not (self.fused_qkv or all(separate)):
+            raise ValueError(f"an Architecture names either fused_qkv or query/key/value, got {self}")
+        if self.fused_glu and len(self.ffn_in) != 1:
+            raise ValueError(f"fused_glu needs one FFN input Linear, got ffn_in={self.ffn_in}")
 
 
 _BERT = Architecture(
@@ -71,9 +88,23 @@ _LLAMA = Architecture(
     ffn_size_attr="intermediate_size",
 )
 
+_DEBERTA_V2 = Architecture(
+    layers="encoder.layer", attention="attention.self", query="attention.self.query_proj",
+    key="attention.self.key_proj", value="attention.self.value_proj", attention_out="attention.output.dense",
+    head_rows=("attention.self.pos_key_proj", "attention.self.pos_query_proj"), ffn_in=("intermediate.dense",),
+    ffn_out="output.dense", head_size_attr="attention_head_size", head_count_attrs=("num_attention_heads",),
+    head_width_attrs=("all_head_size",),
+)
+_MODERNBERT = Architecture(
+    layers="layers", attention="attn", fused_qkv="attn.Wqkv", attention_out="attn.Wo", ffn_in=("mlp.Wi",),
+    ffn_out="mlp.Wo", fused_glu=True, head_size_attr="head_dim",  # its forward reads only head_dim
+)
+
 ARCHITECTURES: dict[str, Architecture] = {
     "bert": _BERT,
     "roberta": _BERT,
+    "deberta-v2": _DEBERTA_V2,
+    "modernbert": _MODERNBERT,
     "distilbert": _DISTILBERT,
     "llama": _LLAMA,
     "qwen2": _LLAMA,
@@ -205,28 +236,47 @@ def _collect(kind: str, prefixes: list[str], modules: list[str], layer_fn: Any) 
     return GroupSet(kind, linears, layer_of, sizes, weights_per_group, modules)
 
 
+def _has(model: nn.Module, name: str) -> bool:
+    try:
+        model.get_submodule(name)
+    except AttributeError:
+        return False
+    return True
+
+
 def _head_groups(model: nn.Module, arch: Architecture, prefixes: list[str], d: int, rep: int) -> GroupSet:
     """Attention heads: with grouped KV heads a group is one KV head with its ``rep`` query heads
-    (q rows, k/v rows, o columns)."""
+    (q rows, k/v rows, o columns); a fused ``[q | k | v]`` Linear gives head ``h`` its rows ``h·d + j·H·d + [0, d)``
+    for ``j = 0, 1, 2``; every ``head_rows`` Linear present gives the head its rows ``[h·d, (h+1)·d)``."""
 
     def layer(prefix: str, offset: int) -> LayerGroups:
-        q, k, v, o = (_linear(model, f"{prefix}.{n}") for n in (arch.query, arch.key, arch.value, arch.attention_out))
-        kv_rows = k.out_features
-        fits = v.out_features == kv_rows and q.out_features == rep * kv_rows and o.in_features == q.out_features
+        o = _linear(model, f"{prefix}.{arch.attention_out}")
+        q_rows = o.in_features
+        if arch.fused_qkv:
+            qkv = _linear(model, f"{prefix}.{arch.fused_qkv}")
+            kv_rows, shapes = q_rows, f"[q | k | v] {qkv.out_features}"
+            fits = qkv.out_features == 3 * q_rows and rep == 1
+        else:
+            q, k, v = (_linear(model, f"{prefix}.{n}") for n in (arch.query, arch.key, arch.value))
+            kv_rows, shapes = k.out_features, f"q {q.out_features}, k {k.out_features}, v {v.out_features}"
+            fits = v.out_features == kv_rows and q.out_features == rep * kv_rows == q_rows
         if kv_rows % d or not fits:
             raise ValueError(
-                f"{prefix}: attention shapes q {q.out_features}, k {k.out_features}, v {v.out_features}, "
-                f"o {o.in_features} do not fit head size {d} with {rep} query heads per KV head"
+                f"{prefix}: attention shapes {shapes}, o {o.in_features} do not fit head size {d} with {rep} "
+                "query heads per KV head"
             )
-        q_ids = torch.arange(q.out_features) // (d * rep) + offset
+        q_ids = torch.arange(q_rows) // (d * rep) + offset
         kv_ids = torch.arange(kv_rows) // d + offset
-        linears = [
-            CoupledLinear(f"{prefix}.{arch.query}", 0, q_ids),
-            CoupledLinear(f"{prefix}.{arch.key}", 0, kv_ids),
-            CoupledLinear(f"{prefix}.{arch.value}", 0, kv_ids.clone()),
-            CoupledLinear(f"{prefix}.{arch.attention_out}", 1, q_ids.clone()),
-        ]
-        return linears, kv_rows // d, (2 * rep + 2) * d * q.in_features
+        if arch.fused_qkv:
+            rows = [(arch.fused_qkv, q_ids.repeat(3))]
+        else:
+            rows = [(arch.query, q_ids), (arch.key, kv_ids), (arch.value, kv_ids.clone())]
+        rows += [(name, kv_ids.clone()) for name in arch.head_rows if _has(model, f"{prefix}.{name}")]
+        linears = [CoupledLinear(f"{prefix}.{name}", 0, ids) for name, ids in rows]
+        linears.append(CoupledLinear(f"{prefix}.{arch.attention_out}", 1, q_ids.clone()))
+        groups = kv_rows // d
+        row_weights = sum(_linear(model, lin.name).weight.numel() for lin in linears[:-1]) // groups
+        return linears, groups, row_weights + rep * d * o.out_features
 
     return _collect("heads", prefixes, [f"{p}.{arch.attention}" for p in prefixes], layer)
 
@@ -238,12 +288,15 @@ def _ffn_groups(model: nn.Module, arch: Architecture, prefixes: list[str]) -> Gr
         ins = [_linear(model, f"{prefix}.{n}") for n in arch.ffn_in]
         out = _linear(model, f"{prefix}.{arch.ffn_out}")
         n = out.in_features
-        if any(lin.out_features != n for lin in ins):
-            raise ValueError(f"{prefix}: FFN input Linears {[lin.out_features for lin in ins]} != output's {n}")
+        parts = 2 if arch.fused_glu else 1  # a fused GLU Linear holds [input | gate]: neuron i owns rows i, n + i
+        if any(lin.out_features != parts * n for lin in ins):
+            raise ValueError(
+                f"{prefix}: FFN input Linears {[lin.out_features for lin in ins]} != {parts} x output's {n}"
+            )
         ids = torch.arange(n) + offset
-        linears = [CoupledLinear(f"{prefix}.{name}", 0, ids.clone()) for name in arch.ffn_in]
+        linears = [CoupledLinear(f"{prefix}.{name}", 0, ids.repeat(parts)) for name in arch.ffn_in]
         linears.append(CoupledLinear(f"{prefix}.{arch.ffn_out}", 1, ids.clone()))
-        return linears, n, sum(lin.in_features for lin in ins) + out.out_features
+        return linears, n, parts * sum(lin.in_features for lin in ins) + out.out_features
 
     modules = [f"{p}.{arch.ffn_module}" if arch.ffn_module else "" for p in prefixes]
     return _collect("ffn", prefixes, modules, layer)

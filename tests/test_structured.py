@@ -25,6 +25,29 @@ def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
     return LlamaForCausalLM(config).eval()
 
 
+def tiny_deberta(share_att_key: bool = False, seed: int = 0):
+    """DeBERTa-v2 with c2p and p2c relative attention (own or shared positional projections), 3 layers."""
+    from transformers import DebertaV2Config, DebertaV2ForTokenClassification
+
+    torch.manual_seed(seed)
+    config = DebertaV2Config(hidden_size=32, num_attention_heads=4, intermediate_size=64, num_hidden_layers=3,
+                             vocab_size=100, relative_attention=True, pos_att_type=["p2c", "c2p"],
+                             share_att_key=share_att_key, max_relative_positions=16, position_buckets=8)
+    return DebertaV2ForTokenClassification(config).eval()
+
+
+def tiny_modernbert(attn_implementation: str = "eager", seed: int = 0):
+    """ModernBERT with a sliding-window layer between two global ones (window smaller than the test inputs)."""
+    from transformers import ModernBertConfig, ModernBertForMaskedLM
+
+    torch.manual_seed(seed)
+    config = ModernBertConfig(hidden_size=32, num_attention_heads=4, intermediate_size=64, num_hidden_layers=3,
+                              vocab_size=100, global_attn_every_n_layers=2, local_attention=4, pad_token_id=0,
+                              eos_token_id=1, bos_token_id=2, cls_token_id=2, sep_token_id=1,
+                              attention_bias=True, mlp_bias=True, attn_implementation=attn_implementation)
+    return ModernBertForMaskedLM(config).eval()
+
+
 def shapes(model, groups):
     return {lin.name: model.get_submodule(lin.name).weight.shape for lin in groups.linears}
 
@@ -256,7 +279,8 @@ def test_registered_with_typed_options():
         (lambda: tiny_bert(), {"round_to_ffn": 128}, "round_to 128 is larger than layer 0, which has 64"),
         (lambda: tiny_bert(), {"pattern": "2:4"}, "pattern must be unstructured"),
         (lambda: GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=50)), {},
-         r"'gpt2'.*supported model_type values: \['bert', 'distilbert', 'llama', 'mistral', 'qwen2', 'roberta'\]"),
+         r"'gpt2'.*supported model_type values: \['bert', 'deberta-v2', 'distilbert', 'llama', 'mistral', "
+         r"'modernbert', 'qwen2', 'roberta'\]"),
     ],
 )
 def test_bad_input_is_refused_before_the_model_is_touched(make, overrides, message):
@@ -318,22 +342,124 @@ def other_families():
         lambda: RobertaForTokenClassification(RobertaConfig(**small)),
         lambda: Qwen2ForCausalLM(Qwen2Config(**gqa)),  # q/k/v with biases
         lambda: MistralForCausalLM(MistralConfig(**gqa)),
+        lambda: tiny_deberta(share_att_key=False),
+        lambda: tiny_deberta(share_att_key=True),
+        lambda: tiny_modernbert("eager"),
+        lambda: tiny_modernbert("sdpa"),
     ]
 
 
-@pytest.mark.parametrize("make", other_families(), ids=["distilbert", "roberta", "qwen2", "mistral"])
+@pytest.mark.parametrize("make", other_families(), ids=["distilbert", "roberta", "qwen2", "mistral", "deberta-v2",
+                                                        "deberta-v2-shared", "modernbert", "modernbert-sdpa"])
 def test_every_family_of_the_table_slices_to_the_masked_function(make, tmp_path):
     torch.manual_seed(0)
-    model = make().eval()
-    with torch.no_grad():
-        for p in model.parameters():  # non-zero biases everywhere, so that a mis-sliced bias shows
-            p.add_(0.05 * torch.randn_like(p))
+    model = perturbed(make().eval())
     pruner = StructuredPruningCallback(model, round_to_ffn=4)
     pruner.prune(0, target=0.5)
     x = torch.randint(3, 100, (2, 10))
     sizes, reloaded = masked_vs_sliced(model, x, pruner, tmp_path)
-    assert sum(sizes["heads"]) == 4 and sum(sizes["ffn"]) == 64
+    layers = len(sizes["heads"])
+    assert sum(sizes["heads"]) == 2 * layers and sum(sizes["ffn"]) == 32 * layers
     assert type(reloaded) is type(model)
+
+
+def perturbed(model):
+    with torch.no_grad():
+        for p in model.parameters():  # non-zero biases everywhere, so that a mis-sliced bias shows
+            p.add_(0.05 * torch.randn_like(p))
+    return model
+
+
+def mask_groups(model, head_keep, ffn_keep):
+    pruner = StructuredPruningCallback(model, round_to_ffn=4)
+    for kind, keep in (("heads", head_keep), ("ffn", ffn_keep)):
+        groups = pruner.structures.groups[kind]
+        for name, mask in element_masks(groups, keep, shapes(model, groups)).items():
+            pruner.layers[name].set_mask(mask)
+    return pruner
+
+
+HEADS_1_3_2 = torch.tensor([False, False, True, False, True, True, False, True, True, False, False, True])
+
+
+@pytest.mark.parametrize("share_att_key", [False, True])
+def test_deberta_v2_relative_attention_slices_heads_with_their_position_projections(share_att_key, tmp_path):
+    model = perturbed(tiny_deberta(share_att_key))
+    dense = {n: w.clone() for n, w in model.state_dict().items()}
+    ffn_keep = torch.rand(192, generator=torch.Generator().manual_seed(0)) < 0.5
+    pruner = mask_groups(model, HEADS_1_3_2, ffn_keep)
+    heads = pruner.structures.groups["heads"]
+    own = [] if share_att_key else ["pos_key_proj", "pos_query_proj"]
+    p = "deberta.encoder.layer.0.attention.self."
+    names = [p + n for n in ["query_proj", "key_proj", "value_proj", *own]]
+    assert [lin.name for lin in heads.linears[:len(names)]] == names
+    assert heads.weights_per_group == (4 + len(own)) * 8 * 32
+    sizes, reloaded = masked_vs_sliced(model, torch.randint(3, 100, (2, 12)), pruner, tmp_path)
+    assert sizes == {"heads": [1, 3, 2], "ffn": ffn_keep.view(3, 64).sum(dim=1).tolist()}
+    attn = reloaded.deberta.encoder.layer[0].attention.self
+    assert attn.num_attention_heads == 1 and attn.all_head_size == 8 and attn.query_proj.weight.shape == (8, 32)
+    for name in own:  # head 2 of layer 0 kept: its rows 16..24 of each positional projection
+        assert torch.equal(getattr(attn, name).weight, dense[p + name + ".weight"][16:24])
+        assert torch.equal(getattr(attn, name).bias, dense[p + name + ".bias"][16:24])
+    assert hasattr(attn, "pos_key_proj") != share_att_key
+    assert reloaded.deberta.encoder.layer[1].attention.output.dense.weight.shape == (32, 24)
+
+
+def test_modernbert_fused_qkv_and_glu_rows_belong_to_their_head_and_neuron():
+    model = tiny_modernbert()
+    st = find_structures(model)
+    heads, ffn = st.groups["heads"], st.groups["ffn"]
+    assert heads.sizes == [4, 4, 4] and ffn.sizes == [64, 64, 64] and st.head_dim == 8
+    assert heads.weights_per_group == 4 * 8 * 32 and ffn.weights_per_group == 3 * 32
+    keep = torch.ones(12, dtype=torch.bool)
+    keep[4 + 2] = False  # head 2 of layer 1
+    masks = element_masks(heads, keep, shapes(model, heads))
+    rows = torch.zeros(96, dtype=torch.bool)
+    for part in range(3):  # its q, k and v rows inside [q | k | v]
+        rows[part * 32 + 16:part * 32 + 24] = True
+    assert torch.equal(~masks["model.layers.1.attn.Wqkv"].all(dim=1), rows)
+    assert torch.equal(~masks["model.layers.1.attn.Wo"].all(dim=0), torch.arange(32) // 8 == 2)
+    assert int(sum((~m).sum() for m in masks.values())) == heads.weights_per_group
+    masks = element_masks(ffn, torch.arange(192) != 64 + 5, shapes(model, ffn))  # neuron 5 of layer 1
+    wi_rows = torch.zeros(128, dtype=torch.bool)
+    wi_rows[[5, 64 + 5]] = True  # its input row and its gate row
+    assert torch.equal(~masks["model.layers.1.mlp.Wi"].all(dim=1), wi_rows)
+    assert torch.equal(~masks["model.layers.1.mlp.Wo"].all(dim=0), torch.arange(64) == 5)
+    assert int(sum((~m).sum() for m in masks.values())) == ffn.weights_per_group
+
+
+def test_an_architecture_names_separate_or_fused_projections():
+    from prune_trainer.structures import Architecture
+
+    common = dict(layers="layers", attention="attn", attention_out="attn.Wo", ffn_in=("mlp.Wi",), ffn_out="mlp.Wo",
+                  head_size_attr="head_dim")
+    with pytest.raises(ValueError, match="either fused_qkv or query/key/value"):
+        Architecture(**common, fused_qkv="attn.Wqkv", query="attn.q")
+    with pytest.raises(ValueError, match="either fused_qkv or query/key/value"):
+        Architecture(**common, query="attn.q", key="attn.k")
+    with pytest.raises(ValueError, match="fused_glu needs one FFN input Linear"):
+        Architecture(**dict(common, ffn_in=("a", "b")), fused_qkv="attn.Wqkv", fused_glu=True)
+
+
+@pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
+def test_modernbert_masked_equals_sliced_with_different_heads_per_layer(attn_implementation, tmp_path):
+    model = perturbed(tiny_modernbert(attn_implementation))
+    dense_qkv = model.model.layers[0].attn.Wqkv.weight.detach().clone()
+    ffn_keep = torch.rand(192, generator=torch.Generator().manual_seed(1)) < 0.4
+    pruner = mask_groups(model, HEADS_1_3_2, ffn_keep)
+    x = torch.randint(3, 100, (2, 12))  # longer than the sliding window of layer 1
+    sizes, reloaded = masked_vs_sliced(model, x, pruner, tmp_path)
+    kept = ffn_keep.view(3, 64).sum(dim=1).tolist()
+    assert sizes == {"heads": [1, 3, 2], "ffn": kept}
+    sliced = reloaded.model.layers[0]
+    assert sliced.attn.Wqkv.weight.shape == (24, 32) and sliced.attn.Wo.weight.shape == (32, 8)
+    qkv = dense_qkv.view(3, 4, 8, 32)[:, 2].reshape(24, 32)  # head 2's q, k, v rows in that order
+    assert torch.equal(sliced.attn.Wqkv.weight, qkv)
+    assert reloaded.model.layers[1].attn.Wqkv.weight.shape == (72, 32)
+    assert reloaded.model.layers[2].mlp.Wi.weight.shape == (2 * kept[2], 32)
+    assert reloaded.model.layers[2].mlp.Wo.weight.shape == (32, kept[2])
+    # the in-place sliced model runs the chosen kernel; the reloaded one the default sdpa (same logits above)
+    assert model.config._attn_implementation == attn_implementation and reloaded.config._attn_implementation == "sdpa"
 
 
 @pytest.mark.parametrize("scope", ["global", "layer"])
