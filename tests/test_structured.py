@@ -500,3 +500,19 @@ def test_bert_uniform_ffn_with_all_heads_rewrites_only_intermediate_size(tmp_pat
     plain = type(model).from_pretrained(tmp_path / "b").eval()
     with torch.no_grad():
         assert torch.allclose(plain(input_ids=x).logits, masked, atol=1e-5)
+
+
+def test_load_pruned_model_skips_the_random_init(tmp_path, monkeypatch):
+    model = tiny_llama()
+    _zero_groups(model, {"heads": torch.tensor([True, False, True, True])})
+    x = torch.randint(0, 100, (1, 5))
+    with torch.no_grad():
+        ref = model(input_ids=x).logits
+    export_structured_model(model, tmp_path / "n")
+    calls = []
+    original = LlamaForCausalLM._init_weights
+    monkeypatch.setattr(LlamaForCausalLM, "_init_weights", lambda self, m: calls.append(m) or original(self, m))
+    reloaded = load_pruned_model(tmp_path / "n")
+    assert calls == []
+    with torch.no_grad():
+        assert torch.allclose(reloaded(input_ids=x).logits, ref, atol=1e-5)

@@ -18,6 +18,7 @@ import torch
 import transformers
 from safetensors.torch import load_file
 from torch import nn
+from transformers.initialization import no_init_weights
 
 from prune_trainer.io import atomic_dir
 from prune_trainer.masking.inject import _set_submodule, unwrap_masked_layers
@@ -186,9 +187,11 @@ def load_pruned_model(
         )
     cls = model_class or _model_class(config)
     if recorded.get("uniform"):  # the config already states the kept sizes: build them, do not slice again
-        model = cls(config)
+        with no_init_weights():  # every weight is overwritten by the file: skip the random init
+            model = cls(config)
         return _load_weights(model, path)
-    model = cls(config)
+    with no_init_weights():
+        model = cls(config)
     structures = find_structures(model, [k for k in ("heads", "ffn") if k in recorded])
     keep = {}
     for kind, groups in structures.groups.items():
@@ -205,7 +208,8 @@ def load_pruned_model(
         offsets = torch.tensor(groups.layer_offsets())
         rank = torch.arange(groups.num_groups) - offsets[groups.group_layer]
         keep[kind] = rank < torch.tensor(counts)[groups.group_layer]
-    slice_model(model, structures, keep)
+    with no_init_weights():
+        slice_model(model, structures, keep)
     return _load_weights(model, path)
 
 
