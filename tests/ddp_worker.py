@@ -1,7 +1,8 @@
 """Run by `torchrun --nproc_per_node 2` from test_ddp.py: pruning under DDP (gloo, CPU).
 
-``ddp_worker.py <out> [magnitude|movement|movement-accum]``. Each rank saves its final masks and weights (movement:
-also its scores just before training ends, and how often the score gradients were averaged) to ``<out>/rank<r>.pt``.
+``ddp_worker.py <out> [magnitude|movement|movement-accum|structured]``. Each rank saves its final masks and weights
+(movement: also its scores just before training ends, and how often the score gradients were averaged) to
+``<out>/rank<r>.pt``.
 Movement runs with the Trainer's gradient clipping on (``max_grad_norm=1.0``); ``movement-accum`` also accumulates
 gradients over 2 micro-batches. Ranks start from different random weights
 on purpose: DDP broadcasts rank 0's parameters, and the pruning callback must then give every rank the
@@ -18,7 +19,12 @@ sys.path.insert(0, str(Path(__file__).parent))
 from helpers import end_process_group, make_trainer, tiny_bert  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
-from prune_trainer import MagnitudePruningCallback, PruningConfig, PruningSchedule  # noqa: E402
+from prune_trainer import (  # noqa: E402
+    MagnitudePruningCallback,
+    PruningConfig,
+    PruningSchedule,
+    StructuredPruningCallback,
+)
 from prune_trainer.callbacks.movement import MovementPruningCallback  # noqa: E402
 
 
@@ -35,7 +41,7 @@ class KeepScores(TrainerCallback):
 def main(out: str, method: str = "magnitude") -> None:
     torch.set_num_threads(1)
     rank = int(os.environ["RANK"])
-    model = tiny_bert(seed=rank)
+    model = tiny_bert(seed=rank, num_attention_heads=4) if method == "structured" else tiny_bert(seed=rank)
     schedule = PruningSchedule(final_sparsity=0.7, start_step=1, end_step=6, frequency=2)
     accum = 2 if method == "movement-accum" else 1
     averaged = [0]
@@ -50,6 +56,10 @@ def main(out: str, method: str = "magnitude") -> None:
 
         pruner.average_score_grads = counted_average
         callbacks = [pruner, KeepScores(pruner)]
+    elif method == "structured":
+        pruner = StructuredPruningCallback(model, final_sparsity=0.5, start_step=1, end_step=6, frequency=2,
+                                           score="taylor", round_to_ffn=8)
+        callbacks = [pruner]
     else:
         pruner = MagnitudePruningCallback(model, PruningConfig(schedule=schedule))
         callbacks = [pruner]

@@ -53,3 +53,17 @@ def test_movement_with_clipping_is_bit_identical_on_every_rank(tmp_path, mode):
         assert torch.equal(r0["masks"][name], r1["masks"][name]), name
         assert torch.equal(r0["weights"][name], r1["weights"][name]), name
     assert moved > 0  # the scores did train
+
+
+def test_structured_taylor_masks_and_weights_identical_on_every_rank(tmp_path):
+    """Taylor group scores come from each rank's own gradients; the kept groups must agree across ranks."""
+    run_torchrun(Path(__file__).parent / "ddp_worker.py", tmp_path, 2, "structured")
+    r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    assert r0["world_size"] == 2
+    for name in r0["masks"]:
+        assert torch.equal(r0["masks"][name], r1["masks"][name]), name
+        assert torch.equal(r0["weights"][name], r1["weights"][name]), name
+    zeros = sum(int((w == 0).sum()) for w in r0["weights"].values())
+    total = sum(w.numel() for w in r0["weights"].values())
+    assert zeros / total == pytest.approx(0.5, abs=1e-3)

@@ -198,7 +198,7 @@ def test_bert_masked_equals_sliced_with_different_heads_per_layer(tmp_path):
     assert reloaded.bert.encoder.layer[1].attention.output.dense.weight.shape == (32, 24)
     assert sum(p.numel() for p in reloaded.parameters()) < dense
     config = json.loads((tmp_path / "sliced" / "config.json").read_text())
-    assert config["prune_trainer_structure"] == sizes and config["num_attention_heads"] == 4
+    assert config["prune_trainer_structure"] == {**sizes, "uniform": False} and config["num_attention_heads"] == 4
     assert not list((tmp_path / "sliced").glob("*.bin"))
 
 
@@ -557,3 +557,88 @@ def test_fisher_state_survives_the_checkpoint_and_needs_a_gradient():
     assert torch.equal(other.fisher_sums["ffn"], pruner.fisher_sums["ffn"]) and other.fisher_samples == 9
     with pytest.raises(ValueError, match="structured fisher pruning at step 0 .* has seen no gradient"):
         StructuredPruningCallback(tiny_bert(), score="fisher").prune(0, target=0.3)
+
+
+def _zero_groups(model, keep_by_kind):
+    """Zero every coupled weight of the groups not kept (what the masks do), through element_masks."""
+    structures = find_structures(model)
+    with torch.no_grad():
+        for kind, keep in keep_by_kind.items():
+            groups = structures.groups[kind]
+            for name, mask in element_masks(groups, keep, shapes(model, groups)).items():
+                model.get_submodule(name).weight.mul_(mask)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
+def test_uniform_llama_family_export_loads_with_plain_from_pretrained(family, tmp_path):
+    import transformers
+    config_cls = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config,
+                  "mistral": transformers.MistralConfig}[family]
+    torch.manual_seed(0)
+    config = config_cls(hidden_size=32, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
+                        num_hidden_layers=2, vocab_size=100)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    ffn_keep = torch.ones(128, dtype=torch.bool)
+    ffn_keep[torch.cat([torch.arange(0, 64, 3), torch.arange(64, 128, 3)[:22]])] = False  # 22 per layer
+    _zero_groups(model, {"heads": torch.tensor([True, False, False, True]), "ffn": ffn_keep})
+    x = torch.randint(0, 100, (2, 7))
+    with torch.no_grad():
+        masked = model(input_ids=x).logits
+    export_structured_model(model, tmp_path / "u")
+    saved = json.loads((tmp_path / "u" / "config.json").read_text())
+    assert saved["prune_trainer_structure"]["uniform"] is True
+    assert (saved["num_attention_heads"], saved["num_key_value_heads"], saved["head_dim"],
+            saved["intermediate_size"]) == (2, 1, 8, 42)
+    plain, info = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "u", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    ours = load_pruned_model(tmp_path / "u")
+    with torch.no_grad():
+        assert torch.allclose(plain.eval()(input_ids=x).logits, masked, atol=1e-5)
+        assert torch.allclose(ours(input_ids=x).logits, masked, atol=1e-5)
+    assert ours.generate(x, max_new_tokens=3, do_sample=False).shape == (2, 10)
+
+
+def test_non_uniform_llama_export_keeps_dense_config_and_generates(tmp_path):
+    model = tiny_llama()
+    _zero_groups(model, {"heads": torch.tensor([True, False, True, True])})
+    export_structured_model(model, tmp_path / "n")
+    saved = json.loads((tmp_path / "n" / "config.json").read_text())
+    assert saved["prune_trainer_structure"]["uniform"] is False and saved["num_attention_heads"] == 4
+    x = torch.randint(0, 100, (2, 5))
+    assert load_pruned_model(tmp_path / "n").generate(x, max_new_tokens=3, do_sample=False).shape == (2, 8)
+
+
+def test_bert_uniform_ffn_with_all_heads_rewrites_only_intermediate_size(tmp_path):
+    model = tiny_bert(num_attention_heads=4).eval()
+    groups = find_structures(model).groups["ffn"]
+    keep = torch.ones(groups.num_groups, dtype=torch.bool)
+    offsets = groups.layer_offsets()
+    for off in offsets:
+        keep[off:off + 5] = False
+    _zero_groups(model, {"ffn": keep})
+    x = torch.randint(0, model.config.vocab_size, (2, 6))
+    with torch.no_grad():
+        masked = model(input_ids=x).logits
+    export_structured_model(model, tmp_path / "b")
+    saved = json.loads((tmp_path / "b" / "config.json").read_text())
+    assert saved["prune_trainer_structure"]["uniform"] is True
+    assert saved["intermediate_size"] == groups.sizes[0] - 5
+    plain = type(model).from_pretrained(tmp_path / "b").eval()
+    with torch.no_grad():
+        assert torch.allclose(plain(input_ids=x).logits, masked, atol=1e-5)
+
+
+def test_load_pruned_model_skips_the_random_init(tmp_path, monkeypatch):
+    model = tiny_llama()
+    _zero_groups(model, {"heads": torch.tensor([True, False, True, True])})
+    x = torch.randint(0, 100, (1, 5))
+    with torch.no_grad():
+        ref = model(input_ids=x).logits
+    export_structured_model(model, tmp_path / "n")
+    calls = []
+    original = LlamaForCausalLM._init_weights
+    monkeypatch.setattr(LlamaForCausalLM, "_init_weights", lambda self, m: calls.append(m) or original(self, m))
+    reloaded = load_pruned_model(tmp_path / "n")
+    assert calls == []
+    with torch.no_grad():
+        assert torch.allclose(reloaded(input_ids=x).logits, ref, atol=1e-5)

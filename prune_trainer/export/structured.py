@@ -18,6 +18,7 @@ import torch
 import transformers
 from safetensors.torch import load_file
 from torch import nn
+from transformers.initialization import no_init_weights
 
 from prune_trainer.io import atomic_dir
 from prune_trainer.masking.inject import _set_submodule, unwrap_masked_layers
@@ -96,12 +97,50 @@ def export_structured_model(model: nn.Module, path: str | os.PathLike, tokenizer
             mask[firsts] = True
         keep[kind] = mask
     sizes = slice_model(model, structures, keep)
-    setattr(model.config, STRUCTURE_FIELD, sizes)
+    uniform = _express_uniform(model.config, structures.head_dim, structures.queries_per_group, sizes)
+    setattr(model.config, STRUCTURE_FIELD, {**sizes, "uniform": uniform})
     with atomic_dir(Path(path)) as tmp:
         model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
     return sizes
+
+
+_HEAD_DIM_TYPES = frozenset({"llama", "qwen2", "mistral"})
+"""Families whose config has an explicit ``head_dim`` (o_proj input = heads·head_dim, independent of hidden)."""
+
+
+def _express_uniform(
+    config: transformers.PretrainedConfig, head_dim: int, queries_per_group: int, sizes: dict[str, list[int]]
+) -> bool:
+    """When every layer keeps the same sizes and the config can state them, rewrite its size fields in place
+    (so plain ``from_pretrained`` builds the sliced shapes) and return True; otherwise leave it and return False.
+
+    Llama family: heads, KV heads (heads / queries per KV head), explicit ``head_dim``, ``intermediate_size``.
+    BERT-like (head size = hidden/heads): only the FFN width, and only when every layer keeps all its heads.
+    """
+    heads, ffn = sizes.get("heads"), sizes.get("ffn")
+    if (heads and len(set(heads)) != 1) or (ffn and len(set(ffn)) != 1):
+        return False
+    ffn_attr = "hidden_dim" if config.model_type == "distilbert" else "intermediate_size"
+    if config.model_type in _HEAD_DIM_TYPES:
+        updates: dict[str, int] = {}
+        if heads:
+            updates.update(
+                num_attention_heads=heads[0], num_key_value_heads=heads[0] // queries_per_group, head_dim=head_dim
+            )
+    elif config.model_type in ("bert", "roberta", "distilbert"):
+        n_heads = getattr(config, "num_attention_heads", getattr(config, "n_heads", None))
+        if heads and heads[0] != n_heads:
+            return False
+        updates = {}
+    else:
+        return False
+    if ffn:
+        updates[ffn_attr] = ffn[0]
+    for attr, value in updates.items():
+        setattr(config, attr, value)
+    return True
 
 
 def _model_class(config: transformers.PretrainedConfig) -> type[transformers.PreTrainedModel]:
@@ -146,7 +185,13 @@ def load_pruned_model(
         raise ValueError(
             f"{path}/config.json has no {STRUCTURE_FIELD} field: it was not written by export_structured_model"
         )
-    model = (model_class or _model_class(config))(config)
+    cls = model_class or _model_class(config)
+    if recorded.get("uniform"):  # the config already states the kept sizes: build them, do not slice again
+        with no_init_weights():  # every weight is overwritten by the file: skip the random init
+            model = cls(config)
+        return _load_weights(model, path)
+    with no_init_weights():
+        model = cls(config)
     structures = find_structures(model, [k for k in ("heads", "ffn") if k in recorded])
     keep = {}
     for kind, groups in structures.groups.items():
@@ -163,7 +208,14 @@ def load_pruned_model(
         offsets = torch.tensor(groups.layer_offsets())
         rank = torch.arange(groups.num_groups) - offsets[groups.group_layer]
         keep[kind] = rank < torch.tensor(counts)[groups.group_layer]
-    slice_model(model, structures, keep)
+    with no_init_weights():
+        slice_model(model, structures, keep)
+    return _load_weights(model, path)
+
+
+def _load_weights(model: transformers.PreTrainedModel, path: Path) -> transformers.PreTrainedModel:
+    """Give ``model`` the folder's safetensors weights in their saved floating dtype; strict up to tied/non-
+    persistent tensors. Returns the model in eval mode."""
     state = _read_weights(path)
     dtypes = {t.dtype for t in state.values() if t.is_floating_point()}
     if len(dtypes) == 1:
