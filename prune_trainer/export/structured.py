@@ -217,6 +217,8 @@ def _load_weights(model: transformers.PreTrainedModel, path: Path) -> transforme
     """Give ``model`` the folder's safetensors weights in their saved floating dtype; strict up to tied/non-
     persistent tensors. Returns the model in eval mode."""
     state = _read_weights(path)
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()  # built under no_init_weights: make sure tied embeddings share their tensor
     dtypes = {t.dtype for t in state.values() if t.is_floating_point()}
     if len(dtypes) == 1:
         model.to(dtypes.pop())  # the saved precision (a bf16 export reloads as bf16)
