@@ -15,6 +15,8 @@ from prune_trainer.callbacks import (
     PruningCallback,
     PruningContext,
     SparsityLoggingCallback,
+    StructuredMovementCallback,
+    StructuredMovementOptions,
     StructuredOptions,
     StructuredPruningCallback,
     TaylorOptions,
@@ -40,6 +42,7 @@ __all__ = [
     "MagnitudePruningCallback", "MagnitudeOptions", "MovementPruningCallback", "MovementOptions",
     "OBERTPruningCallback", "OBERTOptions", "NMSparsityCallback", "NMOptions",
     "TaylorPruningCallback", "TaylorOptions", "StructuredPruningCallback", "StructuredOptions",
+    "StructuredMovementCallback", "StructuredMovementOptions",
     # other callbacks
     "DistillationCallback", "FiniteCheckCallback", "SparsityLoggingCallback",
     # configuration

@@ -16,6 +16,7 @@ from prune_trainer.callbacks.registry import (
 )
 from prune_trainer.callbacks.sparsity_logging import SparsityLoggingCallback
 from prune_trainer.callbacks.structured import StructuredOptions, StructuredPruningCallback
+from prune_trainer.callbacks.structured_movement import StructuredMovementCallback, StructuredMovementOptions
 from prune_trainer.callbacks.taylor import TaylorOptions, TaylorPruningCallback
 
 __all__ = [
@@ -34,6 +35,8 @@ __all__ = [
     "PruningCallback",
     "PruningContext",
     "SparsityLoggingCallback",
+    "StructuredMovementCallback",
+    "StructuredMovementOptions",
     "StructuredOptions",
     "StructuredPruningCallback",
     "TaylorOptions",

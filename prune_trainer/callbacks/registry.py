@@ -26,11 +26,12 @@ def _register_builtins() -> None:
     from prune_trainer.callbacks.nm import NMSparsityCallback
     from prune_trainer.callbacks.obert import OBERTPruningCallback
     from prune_trainer.callbacks.structured import StructuredPruningCallback
+    from prune_trainer.callbacks.structured_movement import StructuredMovementCallback
     from prune_trainer.callbacks.taylor import TaylorPruningCallback
 
     for cls in (
         MagnitudePruningCallback, MovementPruningCallback, NMSparsityCallback, OBERTPruningCallback,
-        TaylorPruningCallback, StructuredPruningCallback,
+        TaylorPruningCallback, StructuredPruningCallback, StructuredMovementCallback,
     ):
         PRUNING_CALLBACKS[cls.method_name] = cls
 

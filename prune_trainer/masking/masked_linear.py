@@ -11,9 +11,14 @@ which methods whose mask changes while the weights are kept rely on.
 Trainable mask scores (``attach_scores``; movement pruning, Sanh et al. 2020 eq. 2–3): the forward is
 ``y = x (W ⊙ STE(S, M))ᵀ + b`` where the straight-through estimator passes ``∂L/∂M`` to the scores ``S``
 unchanged, so every weight's score learns, pruned ones included (``∂L/∂S_ij = Σ_tokens (∂L/∂y_i) x_j W_ij``).
+
+A ``weight_gate`` (a callable returning a tensor broadcastable to ``W``, e.g. one straight-through gate per row)
+makes the forward ``y = x (W ⊙ gate())ᵀ + b``: group movement pruning gates whole rows or columns this way.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -65,6 +70,7 @@ class MaskedLinear(nn.Linear):
         )
         self.mask_in_forward = mask_in_forward
         self.mask_scores: nn.Parameter | None = None
+        self.weight_gate: Callable[[], torch.Tensor] | None = None
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, mask_in_forward: bool = False) -> MaskedLinear:
@@ -78,6 +84,7 @@ class MaskedLinear(nn.Linear):
         new.register_buffer("weight_mask", torch.ones_like(linear.weight, dtype=torch.bool))
         new.mask_in_forward = mask_in_forward
         new.mask_scores = None
+        new.weight_gate = None
         return new
 
     def to_linear(self) -> nn.Linear:
@@ -129,7 +136,9 @@ class MaskedLinear(nn.Linear):
         self.mask_scores = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.mask_scores is not None:
+        if self.weight_gate is not None:
+            weight = self.weight * self.weight_gate().to(self.weight.dtype)
+        elif self.mask_scores is not None:
             weight = self.weight * straight_through_mask(self.mask_scores, self.weight_mask)
         elif self.mask_in_forward:
             weight = self.effective_weight()

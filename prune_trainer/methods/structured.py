@@ -66,6 +66,28 @@ def gate_grads_columns(
     return _per_sample_group_sums(ids, num_groups, grad_in.float() * inputs.float())
 
 
+def threshold_groups(
+    groups: GroupSet, scores: torch.Tensor, threshold: float, round_to: int = 1, floor: int = 1
+) -> torch.Tensor:
+    """Group keep-mask [G] of the groups scoring above ``threshold`` (soft movement: ``S > logit(τ)``), with each
+    layer's kept count rounded up to a multiple of ``round_to`` (or the whole layer) and at least ``floor``; the
+    kept groups of a layer are its best-scoring ones."""
+    floor = check_group_sizes(groups, round_to, floor, groups.kind)
+    scores = finite_scores(scores.detach().to("cpu").float())
+    sizes = torch.tensor(groups.sizes)
+    above = torch.zeros(len(groups.sizes), dtype=torch.long)
+    above.index_add_(0, groups.group_layer, (scores > threshold).long())
+    counts = torch.minimum(torch.clamp((above + round_to - 1) // round_to * round_to, min=floor), sizes)
+    layer = groups.group_layer
+    by_score = torch.sort(scores, descending=True, stable=True).indices
+    order = by_score[torch.sort(layer[by_score], stable=True).indices]
+    starts = torch.cumsum(sizes, 0) - sizes
+    rank = torch.arange(order.numel()) - starts[layer[order]]
+    keep = torch.zeros(groups.num_groups, dtype=torch.bool)
+    keep[order] = rank < counts[layer[order]]
+    return keep
+
+
 def check_group_sizes(groups: GroupSet, round_to: int, floor: int, what: str) -> int:
     """The per-layer floor rounded up to a multiple of ``round_to``; ValueError when it or ``round_to`` exceeds a
     layer (the smallest layer is named)."""
