@@ -217,7 +217,8 @@ def test_runs_are_reproducible_when_the_checkpoint_has_no_task_head(tmp_path, co
     assert losses[0] and losses[0] == losses[1]
 
 
-def test_structured_recipe_exports_a_smaller_model_and_benches_it(tmp_path, conll_dir):
+@pytest.mark.parametrize("method", ["structured", "structured_movement"])
+def test_structured_recipe_exports_a_smaller_model_and_benches_it(tmp_path, conll_dir, method):
     from helpers import tiny_bert
 
     from prune_trainer.export.structured import load_pruned_model
@@ -231,9 +232,9 @@ def test_structured_recipe_exports_a_smaller_model_and_benches_it(tmp_path, conl
         "data": {"max_length": 32, "data_dir": str(conll_dir)},
         "training": {"max_steps": 8, "per_device_train_batch_size": 8, "learning_rate": 5e-3, "logging_steps": 4,
                      "eval_strategy": "no", "save_steps": 4, "use_cpu": True, "disable_tqdm": True},
-        "pruning": {"method": "structured", "schedule": {"final_sparsity": 0.5, "start_step": 1, "end_step": 4,
-                                                         "frequency": 1},
-                    "options": {"score": "taylor", "round_to_ffn": 8}},
+        "pruning": {"method": method, "schedule": {"final_sparsity": 0.5, "start_step": 1, "end_step": 4,
+                                                   "frequency": 1},
+                    "options": {"round_to_ffn": 8, **({"score": "taylor"} if method == "structured" else {})}},
         "bench": {"batch_sizes": [1, 2], "threads": [1], "seq_len": 16, "rounds": 1, "reps": 1},
     }
     path = tmp_path / "structured.yaml"
@@ -243,7 +244,8 @@ def test_structured_recipe_exports_a_smaller_model_and_benches_it(tmp_path, conl
     metrics = json.loads((out / "metrics.json").read_text())
     exported = load_pruned_model(out / "model")
     structure = metrics["structure"]
-    assert structure == json.loads((out / "model" / "config.json").read_text())["prune_trainer_structure"]
+    recorded = json.loads((out / "model" / "config.json").read_text())["prune_trainer_structure"]
+    assert structure == {k: recorded[k] for k in ("heads", "ffn")}
     assert sum(structure["heads"]) == 4 and sum(structure["ffn"]) == 64  # half of 2 layers x (4 heads, 64 neurons)
     # sparsity is measured on the export: the removed fraction of the coupled Linears' weights
     assert metrics["sparsity"] == pytest.approx(0.5, abs=1e-9)

@@ -303,6 +303,7 @@ def _train(run: _Run, resumed_from: int | None, start: float) -> tuple[Any, dict
 
 def _evaluate_and_export(run: _Run, trainer: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     """Validation (and test) metrics of the trained model, then the exported ``model/``; return both."""
+    from prune_trainer.callbacks.structured import GroupPruningCallback
     from prune_trainer.data import make_compute_metrics
     from prune_trainer.export import export_pruned_model
     from prune_trainer.factorization import merge_word_embeddings
@@ -315,7 +316,7 @@ def _evaluate_and_export(run: _Run, trainer: Any) -> tuple[dict[str, Any], dict[
         metrics.update({k: v for k, v in res.items() if k.startswith(prefix + "_")})
     if run.recipe.factorize_embeddings is not None:
         merge_word_embeddings(run.model)  # plain nn.Embedding holding A B: a standard checkpoint
-    if run.pruning_cfg is not None and run.pruning_cfg.method == "structured":
+    if isinstance(run.pruner, GroupPruningCallback):  # heads / FFN neurons removed: export the smaller model
         report = _export_structured(run)
     else:
         report = export_pruned_model(
