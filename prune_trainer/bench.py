@@ -21,18 +21,24 @@ from torch import nn
 MODES = ("eager", "compile")
 
 
-def load_for_bench(path: str | os.PathLike) -> nn.Module:
+def load_for_bench(path: str | os.PathLike, weights: bool = True) -> nn.Module:
     """The model in ``path`` in eval mode: sliced structured exports via `load_pruned_model`, others via the
-    class of ``config.architectures`` (``use_safetensors=True``)."""
+    class of ``config.architectures`` (``use_safetensors=True``). ``weights=False`` builds the same architecture
+    from ``config.json`` alone with the class's random init: the latency of dense kernels does not depend on the
+    weights' values, so a folder holding only the config of an export times like the export."""
     import transformers
 
-    from prune_trainer.export.structured import STRUCTURE_FIELD, _model_class, load_pruned_model
+    from prune_trainer.export.structured import STRUCTURE_FIELD, _model_class, build_pruned_model, load_pruned_model
 
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path} is not a model folder (no config.json)")
     config = transformers.AutoConfig.from_pretrained(path, trust_remote_code=False)
-    if isinstance(getattr(config, STRUCTURE_FIELD, None), dict):
+    structured = isinstance(getattr(config, STRUCTURE_FIELD, None), dict)
+    if not weights:
+        model = build_pruned_model(path, init_weights=True) if structured else _model_class(config)(config)
+        return model.eval()
+    if structured:
         return load_pruned_model(path)
     return _model_class(config).from_pretrained(path, use_safetensors=True).eval()
 
@@ -68,8 +74,12 @@ def bench_models(
     rounds: int = 5,
     reps: int = 3,
     progress: bool = True,
+    weights: bool = True,
 ) -> dict[str, Any]:
     """Time ``model_dir`` (and ``baseline_dir``) for every (threads, mode, batch); return a JSON-able report.
+    ``weights=False``: time the architectures of both folders (`load_for_bench`), not their weight files; the
+    report says so (``weights``) and then has no file sizes. The report records the machine's load average before
+    and after (``loadavg``): other work on the cores slows both models, and the ratio less than the times.
 
     Raises:
         ValueError: an unknown mode, or non-positive sizes/threads/rounds (before any model is loaded).
@@ -83,14 +93,16 @@ def bench_models(
         if not values or min(values) < 1:
             raise ValueError(f"bench: {name} must be positive integers, got {list(values)}")
     dirs = {"model": Path(model_dir)} | ({"baseline": Path(baseline_dir)} if baseline_dir else {})
-    loaded = {k: load_for_bench(p) for k, p in dirs.items()}
+    loaded = {k: load_for_bench(p, weights) for k, p in dirs.items()}
     vocab = min(getattr(m.config, "vocab_size", 1000) for m in loaded.values())
     ids = torch.randint(0, vocab, (max(batch_sizes), seq_len), generator=torch.Generator().manual_seed(0))
     report: dict[str, Any] = {
         "seq_len": seq_len, "rounds": rounds, "reps": reps, "torch": torch.__version__, "settings": [],
         **{f"{k}_dir": str(p) for k, p in dirs.items()},
         **{f"{k}_params": sum(p.numel() for p in m.parameters()) for k, m in loaded.items()},
-        **{f"{k}_mib": weights_mib(p) for k, p in dirs.items()},
+        **({f"{k}_mib": weights_mib(p) for k, p in dirs.items()} if weights else {}),
+        "weights": "loaded" if weights else "random init (architecture from config.json)",
+        "loadavg": [round(x, 2) for x in os.getloadavg()],
     }
     grid = [(t, m, b) for t in threads for m in modes for b in batch_sizes]
     previous_threads = torch.get_num_threads()
@@ -111,17 +123,31 @@ def bench_models(
             report["settings"].append(row)
     finally:
         torch.set_num_threads(previous_threads)
+    report["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
     return report
+
+
+def speedup_metrics(report: dict[str, Any]) -> dict[str, Any]:
+    """The run metrics of a `bench_models` report against a baseline: ``speedup_cpu_b<batch>`` of its first
+    (threads, mode) setting, the baseline's size, and the whole report under ``bench``."""
+    first = report["settings"][0]
+    rows = [r for r in report["settings"] if (r["threads"], r["mode"]) == (first["threads"], first["mode"])]
+    return {
+        **{f"speedup_cpu_b{r['batch_size']}": r["speedup"] for r in rows},
+        "baseline_params": report["baseline_params"],
+        **({"baseline_mib": report["baseline_mib"]} if "baseline_mib" in report else {}),
+        "bench": report,
+    }
 
 
 def format_report(report: dict[str, Any]) -> str:
     """A Markdown table of a `bench_models` report (ratios when there is a baseline)."""
     has_base = "baseline_dir" in report
-    lines = [f"model: {report['model_dir']} ({report['model_params']:,} params, {report['model_mib']} MiB)"]
-    if has_base:
-        lines.append(
-            f"baseline: {report['baseline_dir']} ({report['baseline_params']:,} params, {report['baseline_mib']} MiB)"
-        )
+    def size(key: str) -> str:
+        mib = f", {report[key + '_mib']} MiB" if key + "_mib" in report else ""
+        return f"{report[key + '_dir']} ({report[key + '_params']:,} params{mib})"
+
+    lines = [f"model: {size('model')}"] + ([f"baseline: {size('baseline')}"] if has_base else [])
     lines += ["", "| threads | mode | batch | model (ms) |" + (" baseline (ms) | speed-up |" if has_base else ""),
               "|---|---|---|---|" + ("---|---|" if has_base else "")]
     for r in report["settings"]:

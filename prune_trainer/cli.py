@@ -49,7 +49,7 @@ def _bench(args: argparse.Namespace) -> int:
 
     modes = ("eager",) if args.no_compile else ("eager", "compile")
     report = bench_models(args.model_dir, args.baseline, tuple(args.batch_sizes), args.seq_len, tuple(args.threads),
-                          modes, args.rounds, args.reps, progress=True)
+                          modes, args.rounds, args.reps, progress=True, weights=not args.architecture_only)
     print(format_report(report))
     if args.json:
         atomic_write_json(args.json, report)
@@ -66,6 +66,8 @@ def _add_bench_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--rounds", type=int, default=5, help="rounds, the models alternating (default 5)")
     p.add_argument("--reps", type=int, default=3, help="forwards per model per round (default 3)")
     p.add_argument("--no-compile", action="store_true", help="eager only (skip torch.compile)")
+    p.add_argument("--architecture-only", action="store_true",
+                   help="time the architectures in the folders' config.json with random weights (no weight files)")
     p.add_argument("--json", help="write the report as JSON to this file")
     p.set_defaults(func=_bench)
 

@@ -1,12 +1,13 @@
 """``python -m study``: ``reproduce`` (the whole study, ``study/plan.yaml``), ``report`` (``results/README.md``
-and ``results/index.{md,json}``) and the one-shot grid commands (``oneshot-grid``, ``oneshot-table``,
-``oneshot-samples``)."""
+and ``results/index.{md,json}``), the one-shot grid commands (``oneshot-grid``, ``oneshot-table``,
+``oneshot-samples``) and ``bench-runs`` (speed-ups of finished runs' exports)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
+from study.bench_runs import add_parser as add_bench_runs_parser
 from study.oneshot_grid import add_parsers as add_oneshot_parsers
 from study.reproduce import DEFAULT_PLAN
 
@@ -52,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("results_dir", nargs="?", default="results")
     report.set_defaults(func=_report)
     add_oneshot_parsers(sub)
+    add_bench_runs_parser(sub)
     return parser
 
 

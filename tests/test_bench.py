@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from helpers import tiny_bert
 
 from prune_trainer import StructuredPruningCallback, export_structured_model
@@ -46,3 +47,26 @@ def test_cli_writes_json_and_refuses_bad_input(dense_and_pruned, tmp_path, capsy
     assert "no config.json" in capsys.readouterr().err
     assert main(["bench", str(pruned), "--batch-sizes", "0", "--no-compile"]) == 2
     assert "batch size must be positive" in capsys.readouterr().err
+
+
+def test_architecture_only_times_the_config_without_weight_files(dense_and_pruned, tmp_path):
+    """A folder holding only the export's config.json builds the same sliced architecture (same parameter count
+    and shapes as the loaded export, random values), so its latency can be measured without the weights."""
+    import shutil
+
+    from prune_trainer.bench import load_for_bench
+
+    dense, pruned = dense_and_pruned
+    config_only = tmp_path / "config_only"
+    config_only.mkdir()
+    shutil.copy(pruned / "config.json", config_only / "config.json")
+    built, loaded = load_for_bench(config_only, weights=False), load_for_bench(pruned)
+    assert {n: p.shape for n, p in built.named_parameters()} == {n: p.shape for n, p in loaded.named_parameters()}
+    assert all(torch.isfinite(p).all() for p in built.parameters())
+    with pytest.raises(FileNotFoundError):
+        load_for_bench(config_only)  # weights asked for, none there
+    report = bench_models(config_only, dense, batch_sizes=(1,), seq_len=8, threads=(1,), modes=("eager",),
+                          rounds=1, reps=1, progress=False, weights=False)
+    assert report["weights"].startswith("random init") and "model_mib" not in report
+    assert report["model_params"] == sum(p.numel() for p in loaded.parameters())
+    assert len(report["loadavg"]) == 3 and "baseline: " in format_report(report)

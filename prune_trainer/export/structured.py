@@ -9,6 +9,7 @@ standard transformers class from the config, slices it to the recorded sizes and
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -178,6 +179,22 @@ def load_pruned_model(
         ValueError: no ``prune_trainer_structure`` in the config, sizes that do not fit the model, or weights that
             do not match the sliced modules.
     """
+    return _load_weights(build_pruned_model(path, model_class), Path(path))
+
+
+def build_pruned_model(
+    path: str | os.PathLike,
+    model_class: type[transformers.PreTrainedModel] | None = None,
+    init_weights: bool = False,
+) -> transformers.PreTrainedModel:
+    """The architecture of a structured export, without its weights: the class of ``config.architectures`` (or
+    ``model_class``) sliced to the sizes recorded in ``config.json``. ``init_weights=False`` leaves the tensors
+    uninitialised (`load_pruned_model` overwrites them all); ``True`` gives the class's random init, e.g. to time
+    the architecture (`prune_trainer.bench`). Reads only ``config.json``.
+
+    Raises:
+        ValueError: no ``prune_trainer_structure`` in the config, or sizes that do not fit the model.
+    """
     path = Path(path)
     config = transformers.AutoConfig.from_pretrained(path, trust_remote_code=False)
     recorded = getattr(config, STRUCTURE_FIELD, None)
@@ -186,12 +203,11 @@ def load_pruned_model(
             f"{path}/config.json has no {STRUCTURE_FIELD} field: it was not written by export_structured_model"
         )
     cls = model_class or _model_class(config)
-    if recorded.get("uniform"):  # the config already states the kept sizes: build them, do not slice again
-        with no_init_weights():  # every weight is overwritten by the file: skip the random init
-            model = cls(config)
-        return _load_weights(model, path)
-    with no_init_weights():
+    init = contextlib.nullcontext() if init_weights else no_init_weights()
+    with init:
         model = cls(config)
+    if recorded.get("uniform"):  # the config already states the kept sizes: build them, do not slice again
+        return model
     structures = find_structures(model, [k for k in ("heads", "ffn") if k in recorded])
     keep = {}
     for kind, groups in structures.groups.items():
@@ -208,9 +224,9 @@ def load_pruned_model(
         offsets = torch.tensor(groups.layer_offsets())
         rank = torch.arange(groups.num_groups) - offsets[groups.group_layer]
         keep[kind] = rank < torch.tensor(counts)[groups.group_layer]
-    with no_init_weights():
+    with no_init_weights():  # slicing copies kept rows of the (initialised or not) weights
         slice_model(model, structures, keep)
-    return _load_weights(model, path)
+    return model
 
 
 def _load_weights(model: transformers.PreTrainedModel, path: Path) -> transformers.PreTrainedModel:

@@ -354,22 +354,16 @@ def _export_structured(run: _Run) -> dict[str, Any]:
 
 def _bench(run: _Run) -> dict[str, Any]:
     """Time the exported model against the bench baseline (`BenchOptions`); the metrics it adds."""
-    from prune_trainer.bench import bench_models
+    from prune_trainer.bench import bench_models, speedup_metrics
 
     opts = run.recipe.bench
     baseline = opts.baseline or run.resolved["model_path"]
     print(f"bench: {run.out_dir / 'model'} against {baseline}")
-    report = bench_models(
+    report = bench_models(  # loads and times both models on the CPU
         run.out_dir / "model", baseline, batch_sizes=tuple(opts.batch_sizes), seq_len=opts.seq_len,
         threads=tuple(opts.threads), modes=tuple(opts.modes), rounds=opts.rounds, reps=opts.reps,
     )
-    first = [r for r in report["settings"] if r["threads"] == opts.threads[0] and r["mode"] == opts.modes[0]]
-    return {  # bench_models loads and times both models on the CPU
-        **{f"speedup_cpu_b{r['batch_size']}": r["speedup"] for r in first},
-        "baseline_params": report["baseline_params"],
-        "baseline_mib": report["baseline_mib"],
-        "bench": report,
-    }
+    return speedup_metrics(report)
 
 
 def run_recipe(
