@@ -323,6 +323,60 @@ def plot_runs(runs: list[dict[str, Any]], out_dir: Path) -> list[Path]:
     return written
 
 
+def _group_score(run: dict[str, Any]) -> str:
+    """``taylor`` / ``fisher`` / ``magnitude`` for ``method: structured``, ``movement (hard)`` for group movement."""
+    pruning = _config_section(run, "pruning")
+    options = pruning.get("options") or {}
+    if pruning.get("method") == "structured_movement":
+        return f"movement ({options.get('variant', 'hard')})"
+    return str(options.get("score", "magnitude"))
+
+
+def structured_runs(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Runs that removed heads / FFN neurons and were timed against their dense model (``speedup_cpu_b32``)."""
+    return [r for r in runs if r.get("structure") and "speedup_cpu_b32" in r]
+
+
+def structured_table(runs: list[dict[str, Any]]) -> str:
+    """Structured runs: group score, removed fraction, epochs, F1 and the CPU speed-ups (eager, 2 threads)."""
+    lines = ["| run | score | removed | epochs | F1 | speed-up b1 | speed-up b32 | params | trained on |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(structured_runs(runs), key=lambda r: (_group_score(r), r["sparsity"], r["name"])):
+        lines.append(f"| {r['name']} | {_group_score(r)} | {r['sparsity']:.0%} | {_epochs(r)} | {r['eval_f1']:.4f} "
+                     f"| {r['speedup_cpu_b1']:.2f}× | {r['speedup_cpu_b32']:.2f}× | {r['params'] / 1e6:.1f}M "
+                     f"| {r.get('device', '?')} |")
+    return "\n".join(lines)
+
+
+def plot_structured(runs: list[dict[str, Any]], out_dir: Path) -> list[Path]:
+    """``structured_f1_vs_speedup.png``: F1 against the measured CPU speed-up at batch 32, one line per group score
+    and training budget; nothing when no structured run was timed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series: dict[str, list[tuple[float, float]]] = {}
+    for run in structured_runs(runs):
+        label = f"{_group_score(run)}, {_epochs(run)} ep"
+        series.setdefault(label, []).append((run["speedup_cpu_b32"], run["eval_f1"]))
+    if not series:
+        return []
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, points in sorted(series.items()):
+        points.sort()
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
+    ax.set_xlabel("CPU speed-up at batch 32 (eager, 2 threads, seq 128)")
+    ax.set_ylabel("validation entity F1")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = out_dir / "structured_f1_vs_speedup.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return [path]
+
+
 def _header(runs: list[dict[str, Any]], superseded: dict[str, str]) -> list[str]:
     return [
         "# Results",
@@ -426,6 +480,9 @@ def write_report(results_dir: str | Path = "results") -> Path:
     text = [*_header(runs, superseded), *_pivot_section(runs, results_dir), *_table1_section(runs, results_dir)]
     for plot in plots:
         text += [f"![{plot.stem}]({plot.name})", ""]
+    if structured_runs(runs):
+        text += ["## Structured pruning: F1 against the measured CPU speed-up", "", structured_table(runs), ""]
+        text += [f"![{p.stem}]({p.name})" for p in plot_structured(runs, results_dir)] + [""]
     text += [*_costs_section(runs, results_dir), *_pages_section(results_dir)]
     path = results_dir / "README.md"
     path.write_text("\n".join(text))

@@ -176,3 +176,27 @@ def test_paper_and_authors_references():
     assert paper[("obs", "0.8", "uniform")] == 0.804 and paper[("obs", "0.8", "owl")] == 0.816
     assert paper[("wanda", "0.6", "owl")] == 0.826 and len(paper) == 4 * 3 * 2
     assert issue[("sparsegpt", "2:4", "uniform")] == 0.875 and len(issue) == 12
+
+
+def test_structured_runs_get_a_speedup_table_and_plot(tmp_path):
+    from study.report import structured_table
+
+    _write(tmp_path, "dense", 0.9, 0.0)
+    for name, score, sparsity, f1, speed in (("s_taylor_50", "taylor", 0.5, 0.90, 1.6),
+                                             ("s_taylor_70", "taylor", 0.7, 0.88, 2.4),
+                                             ("s_mag_70", "magnitude", 0.7, 0.79, 2.3)):
+        _write(tmp_path, name, f1, sparsity, "structured", group="ablations")
+        f = tmp_path / "ablations" / name / "metrics.json"
+        m = json.loads(f.read_text())
+        m["config"]["pruning"]["options"] = {"score": score}
+        m.update(structure={"heads": [6], "ffn": [64]}, speedup_cpu_b1=speed - 0.2, speedup_cpu_b32=speed,
+                 params=1_000_000, device="cpu")
+        f.write_text(json.dumps(m))
+    runs = load_runs(tmp_path)
+    table = structured_table(runs)
+    assert table.index("s_mag_70") < table.index("s_taylor_50") < table.index("s_taylor_70")  # by score, removed
+    assert "| s_taylor_70 | taylor | 70% | 3 | 0.8800 | 2.20× | 2.40× | 1.0M | cpu |" in table
+    assert "dense" not in table  # untimed, unstructured runs are not rows
+    assert main(["report", str(tmp_path)]) == 0
+    assert "structured_f1_vs_speedup.png" in (tmp_path / "README.md").read_text()
+    assert (tmp_path / "structured_f1_vs_speedup.png").stat().st_size > 1000
