@@ -17,7 +17,7 @@ import torch
 from prune_trainer.data.conll import Sentence, load_conll_splits
 from prune_trainer.devices import device_description, resolve_device
 from prune_trainer.io import atomic_write_json
-from prune_trainer.masking.inject import DEFAULT_EXCLUDE, DEFAULT_TARGETS, find_target_linears
+from prune_trainer.masking.inject import DEFAULT_EXCLUDE, find_target_linears
 from prune_trainer.masking.selection import check_sparsity, parse_pattern
 from prune_trainer.oneshot.calibration import calibration_batches, prune_sequential, wanda_outlier_ratios
 from prune_trainer.oneshot.evaluation import evaluate_f1
@@ -107,7 +107,7 @@ def run_oneshot(
         owl_info = {"outlier_ratios": ratios, "layer_sparsity": sparsity}
     report = prune_sequential(
         model, batches, method, sparsity, prunen, prunem, cfg.pruned_inputs,
-        DEFAULT_TARGETS, DEFAULT_EXCLUDE, progress, **cfg.options,
+        None, DEFAULT_EXCLUDE, progress, **cfg.options,
     )
     prune_time = time.perf_counter() - start
     results: dict[str, Any] = {
