@@ -44,6 +44,11 @@ def resolve_targets(
     return list(family.targets), exclude + [e for e in family.exclude if e not in exclude]
 
 
+def in_features(module: nn.Module) -> int:
+    """Input size of a Linear (``in_features``) or of a `Conv1D` (weight ``[in, out]``: ``weight.shape[0]``)."""
+    return module.in_features if isinstance(module, nn.Linear) else module.weight.shape[0]
+
+
 def find_target_linears(
     model: nn.Module,
     targets: Sequence[str] | None = None,
