@@ -59,8 +59,10 @@ def calibration_batches(
     batch_size: int = 32,
     max_length: int = 128,
     seed: int = 0,
+    split_words: bool = True,
 ) -> list[dict[str, torch.Tensor]]:
-    """``n_samples`` sentences drawn without replacement (seeded) and tokenized into padded batches.
+    """``n_samples`` sentences drawn without replacement (seeded) and tokenized into padded batches: as words
+    (``split_words``, as a tagger is trained) or as the text of the words joined by spaces (other tasks).
 
     Padding does not change the statistics (padding tokens are excluded, attention masks them)."""
     if not sentences:
@@ -76,8 +78,10 @@ def calibration_batches(
     batches = []
     for i in range(0, n_samples, batch_size):
         words = [sentences[j].tokens for j in chosen[i : i + batch_size]]
+        text = words if split_words else [" ".join(w) for w in words]
         enc = tokenizer(
-            words, is_split_into_words=True, truncation=True, max_length=max_length, padding=True, return_tensors="pt"
+            text, is_split_into_words=split_words, truncation=True, max_length=max_length, padding=True,
+            return_tensors="pt",
         )
         batches.append(dict(enc))
     return batches
