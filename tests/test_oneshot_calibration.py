@@ -14,8 +14,8 @@ from prune_trainer.data.conll import load_conll_splits
 from prune_trainer.devices import resolve_device
 from prune_trainer.oneshot.base import LayerStats
 from prune_trainer.oneshot.calibration import (
-    calibration_batches,
     block_stacks,
+    calibration_batches,
     prune_sequential,
     wanda_outlier_ratios,
 )
