@@ -205,3 +205,29 @@ def test_conv1d_training_callback_prunes_and_keeps_zeros():
     for layer in nm.layers.values():  # 2 of every 4 consecutive inputs of each output (Conv1D rows are inputs)
         kept = layer.weight_mask.reshape(layer.out_features, -1, 4).sum(-1)
         assert (kept == 2).all()
+
+
+def test_conv1d_trainer_run_keeps_zeros_and_resumes_to_the_same_masks(tmp_path):
+    """A Trainer run on GPT-2 (Conv1D) with a pruning callback: zeros stay exact through optimizer steps and a
+    resume from a checkpoint (saved in the Conv1D layout) reaches the uninterrupted run's masks and weights."""
+    from helpers import make_trainer
+    from transformers import GPT2Config, GPT2ForTokenClassification
+
+    from prune_trainer.callbacks.magnitude import MagnitudePruningCallback
+
+    def run(out, resume=None):
+        torch.manual_seed(0)
+        model = GPT2ForTokenClassification(GPT2Config(vocab_size=64, n_embd=16, n_layer=2, n_head=2, n_positions=64,
+                                                      num_labels=9, pad_token_id=0))
+        pruner = MagnitudePruningCallback(model, final_sparsity=0.6, start_step=0, end_step=4, frequency=2)
+        trainer = make_trainer(out, model, [pruner], max_steps=6, save_strategy="steps", save_steps=3)
+        trainer.train(resume_from_checkpoint=resume)
+        return model, pruner
+
+    full, pruner = run(tmp_path / "a")
+    assert pruner.sparsity()[0] == pytest.approx(0.6, abs=0.01)
+    for layer in pruner.layers.values():
+        assert isinstance(layer, MaskedConv1D) and (layer.weight[~layer.weight_mask] == 0).all()
+    resumed, _ = run(tmp_path / "a", resume=str(tmp_path / "a" / "checkpoint-3"))
+    for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, msg=name)
