@@ -53,6 +53,8 @@ MODEL_FAMILIES: dict[str, ModelFamily] = {
     "qwen2": _DECODER,
     "mistral": _DECODER,
     "gemma": _DECODER,
+    "gemma2": _DECODER,
+    "qwen3": _DECODER,
     "opt": ModelFamily("OPT", ("decoder.layers",)),
     "gpt2": ModelFamily("GPT-2 (Conv1D)", ("h",)),
     "t5": ModelFamily("T5", ("encoder.block", "decoder.block")),
