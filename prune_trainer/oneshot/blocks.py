@@ -69,9 +69,12 @@ def _shift_right(ids: torch.Tensor, start: int) -> torch.Tensor:
 
 
 def model_inputs(model: nn.Module, batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    """The batch on ``device``; an encoder-decoder without decoder inputs gets ``decoder_input_ids`` = the inputs
+    """The batch on ``device`` (without keys the model's forward does not take, e.g. a BERT tokenizer's
+    ``token_type_ids`` for OPT); an encoder-decoder without decoder inputs gets ``decoder_input_ids`` = the inputs
     shifted right behind ``decoder_start_token_id`` (and the attention mask shifted alike)."""
-    inputs = {k: v.to(device) for k, v in batch.items()}
+    params = inspect.signature(model.forward).parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    inputs = {k: v.to(device) for k, v in batch.items() if takes_any or k in params}
     config = getattr(model, "config", None)
     if getattr(config, "is_encoder_decoder", False) and not {"decoder_input_ids", "labels"} & set(inputs):
         start = getattr(config, "decoder_start_token_id", None)
