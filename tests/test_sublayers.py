@@ -12,7 +12,7 @@ from test_structured import StopAt, perturbed, shapes, tiny_llama
 from torch import nn
 
 from prune_trainer import PruningConfig, StructuredPruningCallback, export_structured_model, load_pruned_model
-from prune_trainer.export.sublayers import BiasOnly, RemovedAttention, ZeroWidth
+from prune_trainer.export.sublayers import BiasOnly, RemovedAttention, ZeroWidth, linear_weight_count
 from prune_trainer.structures import element_masks
 
 
@@ -58,6 +58,11 @@ def test_bert_emptied_attention_and_ffn_export_to_layernorm_of_input_plus_bias(t
         torch.testing.assert_close(layer0.attention(h)[0], out.LayerNorm(h + out.dense.bias))
         ffn = layer1.output
         torch.testing.assert_close(layer1.output(layer1.intermediate(h), h), ffn.LayerNorm(h + ffn.dense.bias))
+    counts = {n: linear_weight_count(reloaded, n) for n in ("bert.encoder.layer.0.attention.self.query",
+              "bert.encoder.layer.0.attention.output.dense", "bert.encoder.layer.1.intermediate.dense",
+              "bert.encoder.layer.1.attention.self.query", "bert.encoder.layer.0.intermediate.dense")}
+    assert list(counts.values())[:3] == [0, 0, 0] and counts["bert.encoder.layer.1.attention.self.query"] == 32 * 32
+    assert counts["bert.encoder.layer.0.intermediate.dense"] == sizes["ffn"][0] * 32
     bias = model.bert.encoder.layer[0].attention.output.dense.bias
     assert torch.equal(layer0.attention.output.dense.bias, bias) and bias.abs().sum() > 0
 
@@ -133,3 +138,28 @@ def test_resume_with_removed_sublayers_equals_the_uninterrupted_run(tmp_path):
     resumed_model.eval()
     sizes, _ = export_and_reload(resumed_model, tmp_path / "m", torch.randint(5, 30, (3, 12)))
     assert sizes == {"heads": [4, 0], "ffn": [0, 64]}
+
+
+def test_recipe_run_removes_whole_sublayers_measures_and_benches_the_export(tmp_path, conll_dir):
+    import yaml
+    from helpers import tiny_tokenizer
+
+    from prune_trainer.cli import main
+
+    model_dir = tmp_path / "tiny4"
+    tiny_bert(num_attention_heads=4, intermediate_size=64).save_pretrained(model_dir)
+    tiny_tokenizer().save_pretrained(model_dir)
+    recipe = {  # whole-layer blocks (round_to = layer size): half of each kind = one layer's sublayer
+        "name": "tiny_sublayers", "model": str(model_dir), "data": {"max_length": 32, "data_dir": str(conll_dir)},
+        "training": {"max_steps": 4, "per_device_train_batch_size": 8, "logging_steps": 2, "eval_strategy": "no",
+                     "save_strategy": "no", "use_cpu": True, "disable_tqdm": True},
+        "pruning": {"method": "structured", "schedule": {"final_sparsity": 0.5, "start_step": 1, "end_step": 2,
+                                                         "frequency": 1},
+                    "options": {"remove_sublayers": True, "round_to_heads": 4, "round_to_ffn": 64}},
+        "bench": {"batch_sizes": [1], "threads": [1], "seq_len": 16, "rounds": 1, "reps": 1},
+    }
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    assert main(["run", str(tmp_path / "r.yaml"), "--results-dir", str(tmp_path / "results")]) == 0
+    metrics = json.loads((tmp_path / "results" / "tiny_sublayers" / "metrics.json").read_text())
+    assert sorted(metrics["structure"]["heads"]) == [0, 4] and sorted(metrics["structure"]["ffn"]) == [0, 64]
+    assert metrics["sparsity"] == pytest.approx(0.5, abs=1e-9) and metrics["speedup_cpu_b1"] > 0

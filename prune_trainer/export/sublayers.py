@@ -107,5 +107,16 @@ def remove_ffn(model: nn.Module, structures: ModelStructures, layer: int) -> Non
     _set_submodule(model, f"{prefix}.{arch.ffn_out}", BiasOnly(out.out_features, out.bias))
 
 
+def linear_weight_count(model: nn.Module, name: str) -> int:
+    """Weights of the Linear ``name`` in an export: 0 where its sublayer was removed (the module is gone or is one
+    of the constant-output modules above)."""
+    try:
+        module = model.get_submodule(name)
+    except AttributeError:
+        return 0
+    weight = getattr(module, "weight", None)
+    return int(weight.numel()) if isinstance(weight, torch.Tensor) else 0
+
+
 REMOVERS = {"heads": remove_attention, "ffn": remove_ffn}
 """Structure kind → the function that removes that sublayer of one layer."""
