@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 from helpers import make_trainer, tiny_bert
-from test_structured import StopAt, perturbed, shapes, tiny_llama
+from test_structured import StopAt, other_families, perturbed, shapes, tiny_llama
 from torch import nn
 
 from prune_trainer import PruningConfig, StructuredPruningCallback, export_structured_model, load_pruned_model
@@ -163,3 +163,32 @@ def test_recipe_run_removes_whole_sublayers_measures_and_benches_the_export(tmp_
     metrics = json.loads((tmp_path / "results" / "tiny_sublayers" / "metrics.json").read_text())
     assert sorted(metrics["structure"]["heads"]) == [0, 4] and sorted(metrics["structure"]["ffn"]) == [0, 64]
     assert metrics["sparsity"] == pytest.approx(0.5, abs=1e-9) and metrics["speedup_cpu_b1"] > 0
+
+
+def test_hard_structured_movement_may_empty_a_layer_with_remove_sublayers(tmp_path):
+    from prune_trainer import StructuredMovementCallback
+
+    model = perturbed(tiny_bert(num_attention_heads=4).eval())
+    pruner = StructuredMovementCallback(model, remove_sublayers=True, round_to_ffn=8)
+    with torch.no_grad():
+        for param in pruner.score_params():  # layer 0's heads and neurons score lowest
+            param.fill_(-5.0 if ".layer.0." in next(n for n, p in model.named_parameters() if p is param) else 5.0)
+    pruner.prune(0, target=0.5)
+    keep = pruner.group_keep()
+    assert keep["heads"].view(2, 4).sum(1).tolist() == [0, 4] and keep["ffn"].view(2, 64).sum(1).tolist() == [0, 64]
+    pruner.freeze_masks()
+    sizes, reloaded = export_and_reload(model, tmp_path / "m", torch.randint(5, 30, (3, 12)))
+    assert sizes == {"heads": [0, 4], "ffn": [0, 64]}
+    layer0 = reloaded.bert.encoder.layer[0]
+    assert isinstance(layer0.attention.self, RemovedAttention) and isinstance(layer0.intermediate.dense, ZeroWidth)
+
+
+@pytest.mark.parametrize("make", other_families(), ids=["distilbert", "roberta", "qwen2", "mistral", "deberta-v2",
+                                                        "deberta-v2-shared", "modernbert", "modernbert-sdpa"])
+def test_every_family_exports_emptied_sublayers_to_the_masked_function(make, tmp_path):
+    torch.manual_seed(0)
+    model = perturbed(make().eval())  # non-zero output biases everywhere
+    empty_layers(model, heads_layer=0, ffn_layer=1)
+    sizes, reloaded = export_and_reload(model, tmp_path / "m", torch.randint(3, 100, (2, 10)))
+    assert sizes["heads"][0] == 0 and sizes["ffn"][1] == 0 and type(reloaded) is type(model)
+    assert sum(isinstance(m, RemovedAttention) for m in reloaded.modules()) == 1
