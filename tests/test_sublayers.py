@@ -13,7 +13,7 @@ from torch import nn
 
 from prune_trainer import PruningConfig, StructuredPruningCallback, export_structured_model, load_pruned_model
 from prune_trainer.export.sublayers import BiasOnly, RemovedAttention, ZeroWidth, linear_weight_count
-from prune_trainer.structures import element_masks
+from prune_trainer.structures import element_masks, find_structures
 
 
 def empty_layers(model, heads_layer: int, ffn_layer: int, **options) -> StructuredPruningCallback:
@@ -181,6 +181,8 @@ def test_hard_structured_movement_may_empty_a_layer_with_remove_sublayers(tmp_pa
     assert sizes == {"heads": [0, 4], "ffn": [0, 64]}
     layer0 = reloaded.bert.encoder.layer[0]
     assert isinstance(layer0.attention.self, RemovedAttention) and isinstance(layer0.intermediate.dense, ZeroWidth)
+    with pytest.raises(ValueError, match=r"layer.0.attention.self \(RemovedAttention\) has no heads \(a sublayer"):
+        find_structures(reloaded)
 
 
 @pytest.mark.parametrize("make", other_families(), ids=["distilbert", "roberta", "qwen2", "mistral", "deberta-v2",
