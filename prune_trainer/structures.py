@@ -188,10 +188,16 @@ def _layers(model: nn.Module, arch: Architecture) -> tuple[str, nn.ModuleList]:
     raise ValueError(f"{type(model).__name__} has no layer list '*{arch.layers}' for its model_type")
 
 
+_REMOVED = "(a sublayer removed by export_structured_model has no groups left to prune)"
+
+
 def _linear(model: nn.Module, name: str) -> nn.Linear:
-    module = model.get_submodule(name)
+    try:
+        module = model.get_submodule(name)
+    except AttributeError as err:
+        raise ValueError(f"{name}: no such module {_REMOVED}") from err
     if not isinstance(module, nn.Linear):
-        raise ValueError(f"{name} is {type(module).__name__}, not an nn.Linear")
+        raise ValueError(f"{name} is {type(module).__name__}, not an nn.Linear {_REMOVED}")
     return module
 
 
@@ -208,6 +214,8 @@ def find_structures(model: nn.Module, kinds: tuple[str, ...] | list[str] = STRUC
     list_name, layers = _layers(model, arch)
     prefixes = [f"{list_name}.{i}" for i in range(len(layers))]
     attention = model.get_submodule(f"{prefixes[0]}.{arch.attention}")
+    if not hasattr(attention, arch.head_size_attr):
+        raise ValueError(f"{prefixes[0]}.{arch.attention} ({type(attention).__name__}) has no heads {_REMOVED}")
     head_dim = int(getattr(attention, arch.head_size_attr))
     rep = int(getattr(attention, "num_key_value_groups", 1)) if arch.grouped_kv else 1
     groups: dict[str, GroupSet] = {}

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import TrainerCallback
 
-DISTILLATION_KEYS = {"teacher", "alpha", "temperature"}
+DISTILLATION_KEYS = {"teacher", "alpha", "temperature", "hidden_weight", "hidden_layers", "match_layers"}
 _NOT_FOR_TEACHER = (
     "labels", "start_positions", "end_positions", "num_items_in_batch", "return_dict", "output_hidden_states",
     "output_attentions",
@@ -47,6 +47,108 @@ def distillation_loss(
     if kl.numel() == 0:
         return student_logits.sum() * 0.0
     return kl.mean() * temperature**2
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_distillation_values(
+    alpha: Any = 0.5, temperature: Any = 2.0, hidden_weight: Any = 0.0, hidden_layers: Any = "all",
+    match_layers: Any = False, where: str = "distillation",
+) -> None:
+    """ValueError naming the key (``<where>.<key>``) for a value out of its range or of the wrong type."""
+    if not _is_number(alpha) or not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"{where}.alpha must be in [0, 1], got {alpha!r}")
+    if not _is_number(temperature) or not 0.0 < temperature < float("inf"):
+        raise ValueError(f"{where}.temperature must be > 0, got {temperature!r}")
+    if not _is_number(hidden_weight) or not 0.0 <= hidden_weight < float("inf"):
+        raise ValueError(f"{where}.hidden_weight must be a finite number >= 0, got {hidden_weight!r}")
+    layers_ok = hidden_layers == "all" or (
+        isinstance(hidden_layers, list) and hidden_layers and len(set(hidden_layers)) == len(hidden_layers)
+        and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in hidden_layers)
+    )
+    if not layers_ok:
+        raise ValueError(
+            f"{where}.hidden_layers must be 'all' or a non-empty list of distinct layer indices >= 0, "
+            f"got {hidden_layers!r}"
+        )
+    if not isinstance(match_layers, bool):
+        raise ValueError(f"{where}.match_layers must be true or false, got {match_layers!r}")
+
+
+def check_distillation(cfg: Any, source: str | None = None) -> None:
+    """Check a recipe's ``distillation`` mapping (keys, value types and ranges) without loading the teacher;
+    ``source`` (the recipe) prefixes the errors."""
+    prefix = f"{source}: " if source else ""
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{prefix}recipe 'distillation' must be a mapping, got {cfg!r}")
+    unknown = set(cfg) - DISTILLATION_KEYS
+    if unknown:
+        raise ValueError(
+            f"{prefix}unknown distillation key(s) {sorted(unknown)}; allowed: {sorted(DISTILLATION_KEYS)}"
+        )
+    if not isinstance(cfg.get("teacher", "init_from"), str):
+        raise ValueError(f"{prefix}distillation.teacher must be a path or 'init_from', got {cfg['teacher']!r}")
+    check_distillation_values(**{k: v for k, v in cfg.items() if k != "teacher"}, where=f"{prefix}distillation")
+
+
+def _masked_mean(values: torch.Tensor, select: torch.Tensor | None) -> torch.Tensor:
+    """Mean of ``values [..., N, L]`` over the ``select``-ed positions ``[N, L]`` (all when None): ``[...]``."""
+    if select is None:
+        return values.mean((-2, -1))
+    weight = select.to(values.dtype)
+    return (values * weight).sum((-2, -1)) / weight.sum().clamp(min=1.0)
+
+
+def _pair_mse(student: torch.Tensor, teacher: torch.Tensor, select: torch.Tensor | None) -> torch.Tensor:
+    """``[T]`` MSEs of paired hidden states ``[T, N, L, D]`` (mean over features and selected positions)."""
+    return _masked_mean((student.float() - teacher.float()).pow(2).mean(-1), select)
+
+
+@torch.no_grad()
+def _all_pairs_mse(student: torch.Tensor, teacher: torch.Tensor, select: torch.Tensor | None) -> torch.Tensor:
+    """``[S, T]`` MSEs of every student layer ``[S, N, L, D]`` against every teacher layer ``[T, N, L, D]``, from
+    ``‖s − t‖² = ‖s‖² + ‖t‖² − 2 s·t`` per position (memory ``S·T·N·L``, not ``S·T·N·L·D``)."""
+    s, t = student.float(), teacher.float()
+    sq = s.pow(2).sum(-1)[:, None] + t.pow(2).sum(-1)[None] - 2 * torch.einsum("snld,tnld->stnl", s, t)
+    return _masked_mean(sq / s.shape[-1], select)
+
+
+def hidden_distillation_loss(
+    student_hidden: tuple[torch.Tensor, ...] | list[torch.Tensor],
+    teacher_hidden: tuple[torch.Tensor, ...] | list[torch.Tensor],
+    layers: str | list[int] = "all",
+    match_layers: bool = False,
+    select: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``mean_{i∈T} MSE(h_s^{m(i)}, h_t^i)`` over the layer outputs ``hidden[1:]`` (``hidden[0]`` = embeddings);
+    ``m(i) = i``, or ``argmin_j MSE(h_s^j, h_t^i)`` with ``match_layers`` (CoFi, Xia et al. 2022, eq. 6).
+
+    Raises:
+        ValueError: different hidden sizes, a layer index past the teacher's layers, or (without matching)
+            different layer counts.
+    """
+    s_layers, t_layers = list(student_hidden[1:]), list(teacher_hidden[1:])
+    if s_layers[0].shape[-1] != t_layers[0].shape[-1]:
+        raise ValueError(
+            f"hidden-state distillation needs equal hidden sizes, got student {s_layers[0].shape[-1]} and "
+            f"teacher {t_layers[0].shape[-1]}"
+        )
+    chosen = list(range(len(t_layers))) if layers == "all" else list(layers)
+    if max(chosen) >= len(t_layers):
+        raise ValueError(f"distillation.hidden_layers {chosen}: the teacher has layers 0..{len(t_layers) - 1}")
+    if not match_layers and len(s_layers) != len(t_layers):
+        raise ValueError(
+            f"the student has {len(s_layers)} layers and the teacher {len(t_layers)}: hidden-state distillation "
+            "then needs match_layers: true"
+        )
+    teacher = torch.stack([t_layers[i] for i in chosen])
+    if match_layers:
+        matched = _all_pairs_mse(torch.stack(s_layers).detach(), teacher, select).argmin(0).tolist()
+    else:
+        matched = chosen
+    return _pair_mse(torch.stack([s_layers[j] for j in matched]), teacher, select).mean()
 
 
 def logits_outputs(output: Any) -> dict[str, torch.Tensor]:
@@ -83,7 +185,7 @@ def teacher_inputs(teacher: nn.Module, kwargs: dict[str, Any]) -> dict[str, Any]
 
 
 class DistillationCallback(TrainerCallback):
-    """Add a teacher's soft targets to the training loss.
+    """Add a teacher's soft targets (and, with ``hidden_weight > 0``, its hidden states) to the training loss.
 
     Args:
         model: the student, as given to `Trainer`.
@@ -91,6 +193,9 @@ class DistillationCallback(TrainerCallback):
             eval mode, frozen and moved to the training device at train begin.
         alpha: weight ``α`` of the distillation term (``1 - α`` on the task loss); 1 = KD only.
         temperature: softmax temperature ``T`` (> 0).
+        hidden_weight: weight ``β`` (>= 0) of the hidden-state term added to the loss; 0 = logits only.
+        hidden_layers: the teacher layers distilled by that term, ``"all"`` or a list of layer indices.
+        match_layers: pair each teacher layer with the student layer of smallest MSE (CoFi) instead of its own.
 
     Example::
 
@@ -98,19 +203,23 @@ class DistillationCallback(TrainerCallback):
         Trainer(..., callbacks=[MovementPruningCallback(model, ...), DistillationCallback(model, teacher, 0.9, 2.0)])
     """
 
-    def __init__(self, model: nn.Module, teacher: nn.Module, alpha: float = 0.5, temperature: float = 2.0) -> None:
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0:
-            raise ValueError(f"distillation alpha must be in [0, 1], got {alpha!r}")
-        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
-            raise ValueError(f"distillation temperature must be > 0, got {temperature!r}")
+    def __init__(
+        self, model: nn.Module, teacher: nn.Module, alpha: float = 0.5, temperature: float = 2.0,
+        hidden_weight: float = 0.0, hidden_layers: str | list[int] = "all", match_layers: bool = False,
+    ) -> None:
+        check_distillation_values(alpha, temperature, hidden_weight, hidden_layers, match_layers)
         if teacher is model:
             raise ValueError("the teacher must be a separate model (a frozen copy), not the student itself")
         self.model = model
         self.teacher = teacher
         self.alpha = float(alpha)
         self.temperature = float(temperature)
+        self.hidden_weight = float(hidden_weight)
+        self.hidden_layers = hidden_layers
+        self.match_layers = match_layers
         self.last_kd_loss: float | None = None
-        self._handle: Any = None
+        self.last_hidden_loss: float | None = None
+        self._handles: list[Any] = []
         self.teacher.eval()
         self.teacher.requires_grad_(False)
 
@@ -121,15 +230,36 @@ class DistillationCallback(TrainerCallback):
                 return valid(value)
         return None
 
+    def _pre_hook(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> Any:
+        """In training with ``β > 0``, ask the student for its hidden states."""
+        if module.training and self.hidden_weight > 0:
+            return args, {**kwargs, "output_hidden_states": True}
+        return None
+
     def _hook(self, module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> Any:
-        if not module.training or self.alpha == 0.0:
+        if not module.training or (self.alpha == 0.0 and self.hidden_weight == 0.0):
             return None
         loss = output.get("loss") if isinstance(output, dict) else (output[0] if isinstance(output, tuple) else None)
         if loss is None:
             return None
-        student = logits_outputs(output)
+        inputs = teacher_inputs(self.teacher, kwargs)
+        if self.hidden_weight > 0:
+            inputs["output_hidden_states"] = True
         with torch.no_grad():
-            teacher = logits_outputs(self.teacher(*args, **teacher_inputs(self.teacher, kwargs)))
+            teacher_out = self.teacher(*args, **inputs)
+        new_loss = loss
+        if self.alpha > 0.0:
+            new_loss = (1.0 - self.alpha) * loss + self.alpha * self._kd(kwargs, output, teacher_out).to(loss.dtype)
+        if self.hidden_weight > 0:
+            new_loss = new_loss + self.hidden_weight * self._hidden(kwargs, output, teacher_out).to(loss.dtype)
+        if isinstance(output, dict):
+            output["loss"] = new_loss
+            return output
+        return (new_loss, *output[1:])
+
+    def _kd(self, kwargs: dict[str, Any], output: Any, teacher_out: Any) -> torch.Tensor:
+        """The logits term: the mean over the logits-like outputs of ``T² · KL``."""
+        student, teacher = logits_outputs(output), logits_outputs(teacher_out)
         missing = sorted(set(student) - set(teacher))
         if missing:
             raise ValueError(f"the teacher's output lacks the student's {missing} (teacher has {sorted(teacher)})")
@@ -137,39 +267,52 @@ class DistillationCallback(TrainerCallback):
             distillation_loss(s, teacher[k], self.temperature, self._select(kwargs, s)) for k, s in student.items()
         ]).mean()
         self.last_kd_loss = float(kd.detach())
-        new_loss = (1.0 - self.alpha) * loss + self.alpha * kd.to(loss.dtype)
-        if isinstance(output, dict):
-            output["loss"] = new_loss
-            return output
-        return (new_loss, *output[1:])
+        return kd
+
+    def _hidden(self, kwargs: dict[str, Any], output: Any, teacher_out: Any) -> torch.Tensor:
+        """The hidden-state term ``mean_i MSE(h_s^{m(i)}, h_t^i)`` over the non-padding positions."""
+        hidden = [o.get("hidden_states") if isinstance(o, dict) else None for o in (output, teacher_out)]
+        if any(h is None for h in hidden):
+            raise ValueError(
+                "hidden-state distillation needs 'hidden_states' in the student's and the teacher's dict outputs "
+                "(output_hidden_states=True); this model gives none"
+            )
+        mask = kwargs.get("attention_mask")
+        select = mask.bool() if isinstance(mask, torch.Tensor) and mask.shape == hidden[1][1].shape[:-1] else None
+        term = hidden_distillation_loss(hidden[0], hidden[1], self.hidden_layers, self.match_layers, select)
+        self.last_hidden_loss = float(term.detach())
+        return term
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.teacher.to(args.device).eval()
-        if self._handle is None:
-            self._handle = self.model.register_forward_hook(self._hook, with_kwargs=True, prepend=True)
+        if not self._handles:
+            self._handles = [
+                self.model.register_forward_hook(self._hook, with_kwargs=True, prepend=True),
+                self.model.register_forward_pre_hook(self._pre_hook, with_kwargs=True),
+            ]
 
     def on_train_end(self, args, state, control, **kwargs):
-        if self._handle is not None:
-            self._handle.remove()
-            self._handle = None
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if logs is not None and self.last_kd_loss is not None and not any(k.startswith("eval_") for k in logs):
+        if logs is None or any(k.startswith("eval_") for k in logs):
+            return
+        if self.last_kd_loss is not None:
             logs["distill/kd_loss"] = self.last_kd_loss
+        if self.last_hidden_loss is not None:
+            logs["distill/hidden_loss"] = self.last_hidden_loss
 
 
 def make_distillation_callback(
     model: nn.Module, cfg: dict[str, Any], init_from: str | None = None
 ) -> DistillationCallback:
-    """From a recipe's ``distillation: {teacher, alpha, temperature}``; ``teacher: init_from`` means the
-    recipe's ``init_from`` model (the dense fine-tuned one)."""
+    """From a recipe's ``distillation: {teacher, alpha, temperature, hidden_weight, hidden_layers, match_layers}``;
+    ``teacher: init_from`` means the recipe's ``init_from`` model (the dense fine-tuned one)."""
     from prune_trainer.models import load_model_and_tokenizer
 
-    if not isinstance(cfg, dict):
-        raise ValueError(f"recipe 'distillation' must be a mapping, got {cfg!r}")
-    unknown = set(cfg) - DISTILLATION_KEYS
-    if unknown:
-        raise ValueError(f"unknown distillation key(s) {sorted(unknown)}; allowed: {sorted(DISTILLATION_KEYS)}")
+    check_distillation(cfg)
     teacher_src = cfg.get("teacher", "init_from")
     if teacher_src == "init_from":
         if not init_from:
@@ -179,4 +322,4 @@ def make_distillation_callback(
         teacher, _ = load_model_and_tokenizer(teacher_src)
     except FileNotFoundError as err:
         raise FileNotFoundError(f"distillation.teacher: {err}") from err
-    return DistillationCallback(model, teacher, cfg.get("alpha", 0.5), cfg.get("temperature", 2.0))
+    return DistillationCallback(model, teacher, **{k: v for k, v in cfg.items() if k != "teacher"})

@@ -43,8 +43,10 @@ from prune_trainer.structures import (
 class GroupOptions(Options):
     """Options shared by the group-pruning methods. ``structures``: the kinds removed, ``"heads"`` (attention
     heads; KV groups under grouped-query attention) and/or ``"ffn"`` (FFN neurons). ``round_to_heads`` /
-    ``round_to_ffn``: kept groups per layer are a multiple of it (or the whole layer). ``min_heads``: head groups
-    always kept in each layer (>= 1: no layer loses every head); each layer keeps at least ``round_to_ffn``
+    ``round_to_ffn``: kept groups per layer are a multiple of it (or the whole layer). ``remove_sublayers``: a
+    layer may lose all its heads (its attention sublayer) or all its FFN neurons (its FFN sublayer); off by
+    default. ``min_heads``: head groups always kept in each layer (default 1, or 0 with ``remove_sublayers``;
+    0 needs ``remove_sublayers``); without ``remove_sublayers`` each layer also keeps at least ``round_to_ffn``
     neurons."""
 
     section = "structured options"
@@ -52,7 +54,8 @@ class GroupOptions(Options):
     structures: list[str] = field(default_factory=lambda: list(STRUCTURE_KINDS))
     round_to_heads: int = 1
     round_to_ffn: int = 8
-    min_heads: int = 1
+    min_heads: int | None = None
+    remove_sublayers: bool = False
 
     def validate(self) -> None:
         if not self.structures or set(self.structures) - set(STRUCTURE_KINDS) or len(set(self.structures)) != len(
@@ -62,14 +65,23 @@ class GroupOptions(Options):
                 f"{self.section}: structures must be distinct values of {list(STRUCTURE_KINDS)}, "
                 f"got {self.structures!r}"
             )
-        if self.min_heads < 1:
+        if self.min_heads is not None and self.min_heads < (0 if self.remove_sublayers else 1):
             raise ValueError(
-                f"{self.section}: min_heads must be >= 1 (removing every head of a layer is not supported), "
-                f"got {self.min_heads}"
+                f"{self.section}: min_heads must be >= 1 (removing every head of a layer needs "
+                f"remove_sublayers: true, then min_heads >= 0), got {self.min_heads}"
             )
         for name in ("round_to_heads", "round_to_ffn"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{self.section}: {name} must be >= 1, got {getattr(self, name)}")
+
+    def floors(self) -> dict[str, tuple[int, int]]:
+        """``kind → (round_to, per-layer floor)``: the floor is 0 (a layer may be emptied) only with
+        ``remove_sublayers``."""
+        min_heads = self.min_heads if self.min_heads is not None else (0 if self.remove_sublayers else 1)
+        return {
+            "heads": (self.round_to_heads, min_heads),
+            "ffn": (self.round_to_ffn, 0 if self.remove_sublayers else self.round_to_ffn),
+        }
 
 
 @dataclass
@@ -107,10 +119,7 @@ class GroupPruningCallback(PruningCallback):
             )
         options: GroupOptions = config.options  # type: ignore[assignment]
         structures = find_structures(model, options.structures)
-        floors = {
-            "heads": (options.round_to_heads, options.min_heads),
-            "ffn": (options.round_to_ffn, options.round_to_ffn),
-        }
+        floors = options.floors()
         for kind, groups in structures.groups.items():
             check_group_sizes(groups, *floors[kind], f"structured {kind}")
         self.structures: ModelStructures = structures

@@ -21,12 +21,14 @@ from safetensors.torch import load_file
 from torch import nn
 from transformers.initialization import no_init_weights
 
+from prune_trainer.export.sublayers import REMOVERS
 from prune_trainer.io import atomic_dir
 from prune_trainer.masking.inject import _set_submodule, unwrap_masked_layers
 from prune_trainer.structures import ModelStructures, find_structures, kept_groups, kept_sizes
 
 STRUCTURE_FIELD = "prune_trainer_structure"
-"""The ``config.json`` field with the kept sizes per layer: ``{"heads": [query heads...], "ffn": [neurons...]}``."""
+"""The ``config.json`` field with the kept sizes per layer: ``{"heads": [query heads...], "ffn": [neurons...]}``
+(0: that layer's attention / FFN sublayer is removed)."""
 
 
 def _sliced_linear(linear: nn.Linear, index: torch.Tensor, axis: int) -> nn.Linear:
@@ -48,34 +50,44 @@ def slice_model(model: nn.Module, structures: ModelStructures, keep: dict[str, t
     """Replace every coupled Linear by one holding only the kept groups' rows/columns, update the attention and
     FFN modules' size attributes, and return the kept sizes per layer (heads as query heads). In place.
 
-    Raises:
-        ValueError: a layer would keep no head group.
+    A layer that keeps no group of a kind loses that whole sublayer: it is replaced by the constant-output modules
+    of `prune_trainer.export.sublayers` (its output Linear's bias, no attention / FFN computed).
     """
-    arch = structures.architecture
     sizes: dict[str, list[int]] = {}
     for kind, groups in structures.groups.items():
         mask = keep[kind].to("cpu", torch.bool)
         per_layer = kept_sizes(groups, mask)
-        if kind == "heads" and min(per_layer) == 0:
-            raise ValueError(f"cannot slice away every head of layer {per_layer.index(0)}: keep at least one")
         for lin in groups.linears:
+            if per_layer[int(groups.group_layer[lin.group_ids[0]])] == 0:
+                continue  # the whole sublayer goes below
             index = torch.nonzero(mask[lin.group_ids], as_tuple=True)[0]
             module = model.get_submodule(lin.name)
             if index.numel() != (module.out_features if lin.axis == 0 else module.in_features):
                 _set_submodule(model, lin.name, _sliced_linear(module, index, lin.axis))
         if kind == "heads":
             per_layer = [n * structures.queries_per_group for n in per_layer]
-            for prefix, heads in zip(groups.layer_modules, per_layer):
-                attention = model.get_submodule(prefix)
-                for attr in arch.head_count_attrs:
-                    setattr(attention, attr, heads)
-                for attr in arch.head_width_attrs:
-                    setattr(attention, attr, heads * structures.head_dim)
-        elif arch.ffn_size_attr:
-            for prefix, neurons in zip(groups.layer_modules, per_layer):
-                setattr(model.get_submodule(prefix), arch.ffn_size_attr, neurons)
+        _set_size_attributes(model, structures, kind, per_layer)
+        for layer, n in enumerate(per_layer):
+            if n == 0:
+                REMOVERS[kind](model, structures, layer)
         sizes[kind] = per_layer
     return sizes
+
+
+def _set_size_attributes(model: nn.Module, structures: ModelStructures, kind: str, per_layer: list[int]) -> None:
+    """Head counts / widths of each attention module, or the FFN width attribute, set to the kept sizes."""
+    arch = structures.architecture
+    modules = structures.groups[kind].layer_modules
+    if kind == "heads":
+        for prefix, heads in zip(modules, per_layer):
+            attention = model.get_submodule(prefix)
+            for attr in arch.head_count_attrs:
+                setattr(attention, attr, heads)
+            for attr in arch.head_width_attrs:
+                setattr(attention, attr, heads * structures.head_dim)
+    elif arch.ffn_size_attr:
+        for prefix, neurons in zip(modules, per_layer):
+            setattr(model.get_submodule(prefix), arch.ffn_size_attr, neurons)
 
 
 def export_structured_model(model: nn.Module, path: str | os.PathLike, tokenizer: Any = None) -> dict[str, list[int]]:
@@ -83,20 +95,15 @@ def export_structured_model(model: nn.Module, path: str | os.PathLike, tokenizer
     save it with ``config.json`` recording the kept sizes (``prune_trainer_structure``) and the tokenizer, into a
     folder that is complete or absent (`atomic_dir`). Returns the kept sizes ``{"heads": [...], "ffn": [...]}``.
 
-    A group is removed when all its coupled weights are zero. A layer whose heads are all zero keeps its first
-    head group (its output is zero anyway), since a model needs at least one head per layer.
+    A group is removed when all its coupled weights are zero. A layer with no group left of a kind loses that
+    sublayer (recorded as size 0; `prune_trainer.export.sublayers`): the same function, without computing it.
     """
     unwrap_masked_layers(model)
     structures = find_structures(model)
     keep = {}
     for kind, groups in structures.groups.items():
         weights = {lin.name: model.get_submodule(lin.name).weight for lin in groups.linears}
-        mask = kept_groups(groups, weights).cpu()
-        empty = torch.tensor(kept_sizes(groups, mask)) == 0
-        if kind == "heads" and bool(empty.any()):
-            firsts = torch.tensor(groups.layer_offsets())[empty]
-            mask[firsts] = True
-        keep[kind] = mask
+        keep[kind] = kept_groups(groups, weights).cpu()
     sizes = slice_model(model, structures, keep)
     uniform = _express_uniform(model.config, structures.head_dim, structures.queries_per_group, sizes)
     setattr(model.config, STRUCTURE_FIELD, {**sizes, "uniform": uniform})
@@ -121,8 +128,8 @@ def _express_uniform(
     BERT-like (head size = hidden/heads): only the FFN width, and only when every layer keeps all its heads.
     """
     heads, ffn = sizes.get("heads"), sizes.get("ffn")
-    if (heads and len(set(heads)) != 1) or (ffn and len(set(ffn)) != 1):
-        return False
+    if (heads and len(set(heads)) != 1) or (ffn and len(set(ffn)) != 1) or 0 in (heads or []) + (ffn or []):
+        return False  # removed sublayers need our modules: only load_pruned_model rebuilds them
     ffn_attr = "hidden_dim" if config.model_type == "distilbert" else "intermediate_size"
     if config.model_type in _HEAD_DIM_TYPES:
         updates: dict[str, int] = {}
@@ -217,7 +224,7 @@ def build_pruned_model(
             if any(n % rep for n in counts):
                 raise ValueError(f"{STRUCTURE_FIELD}.heads {counts}: not multiples of {rep} query heads per KV head")
             counts = [n // rep for n in counts]
-        if len(counts) != len(groups.sizes) or any(not 0 < n <= s for n, s in zip(counts, groups.sizes)):
+        if len(counts) != len(groups.sizes) or any(not 0 <= n <= s for n, s in zip(counts, groups.sizes)):
             raise ValueError(
                 f"{STRUCTURE_FIELD}.{kind} {recorded[kind]} does not fit the model's layers {groups.sizes}"
             )

@@ -90,9 +90,9 @@ def threshold_groups(
 
 def check_group_sizes(groups: GroupSet, round_to: int, floor: int, what: str) -> int:
     """The per-layer floor rounded up to a multiple of ``round_to``; ValueError when it or ``round_to`` exceeds a
-    layer (the smallest layer is named)."""
-    if round_to < 1 or floor < 1:
-        raise ValueError(f"{what}: round_to and the per-layer floor must be >= 1, got {round_to} and {floor}")
+    layer (the smallest layer is named). A floor of 0 lets a layer lose every group (sublayer removal)."""
+    if round_to < 1 or floor < 0:
+        raise ValueError(f"{what}: round_to must be >= 1 and the per-layer floor >= 0, got {round_to} and {floor}")
     smallest = min(groups.sizes)
     layer = groups.sizes.index(smallest)
     if round_to > smallest:

@@ -217,6 +217,10 @@ class Recipe:
         if self.bench is not None:
             self.bench.validate(where)
         check_training(self.training, where)
+        if self.distillation is not None:
+            from prune_trainer.callbacks.distillation import check_distillation
+
+            check_distillation(self.distillation, where)
         if self.pruning is not None:
             from prune_trainer.config import PruningConfig
 

@@ -337,12 +337,13 @@ def _export_structured(run: _Run) -> dict[str, Any]:
     exported model's parameters and ``model_mib`` its weight file."""
     from prune_trainer.bench import weights_mib
     from prune_trainer.export.structured import export_structured_model, load_pruned_model
+    from prune_trainer.export.sublayers import linear_weight_count
 
     names = run.pruner.structures.linear_names()
     dense = {n: run.pruner.layers[n].weight.numel() for n in names}
     sizes = export_structured_model(run.model, run.out_dir / "model", run.tokenizer)
     exported = load_pruned_model(run.out_dir / "model")
-    kept = {n: exported.get_submodule(n).weight.numel() for n in names}
+    kept = {n: linear_weight_count(exported, n) for n in names}  # 0 in a removed sublayer
     return {
         "global_sparsity": 1.0 - sum(kept.values()) / sum(dense.values()),
         "per_layer": {n: 1.0 - kept[n] / dense[n] for n in names},
