@@ -80,14 +80,17 @@ def quantize_onnx_int8(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
 
 class OrtTokenClassifier:
     """An ONNX Runtime session that answers like a HF token classifier: ``model(**batch).logits`` (a torch
-    tensor), so `evaluate_f1` and the benchmarks run it unchanged. ``threads``: intra-op threads."""
+    tensor), so `evaluate_f1` and the benchmarks run it unchanged. ``threads``: intra-op threads; ``spinning``:
+    whether idle pool threads busy-wait for the next call (ORT's default; off in side-by-side benchmarks, so they do
+    not steal the cores of the model timed next)."""
 
-    def __init__(self, path: str | os.PathLike, threads: int = 2):
+    def __init__(self, path: str | os.PathLike, threads: int = 2, spinning: bool = True):
         ort = _require("onnxruntime")
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
         self.path = Path(path)
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self.inputs = [i.name for i in self.session.get_inputs()]
