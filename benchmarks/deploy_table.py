@@ -6,7 +6,8 @@ For every model (``--model label=path``, the first is the dense baseline) the sc
 
 - checkpoints: plain fp32 (``dense``), the model's sparse format in fp32 (``bitmask`` for unstructured sparsity,
   ``nm`` for N:M; structured models are small already: ``dense``), the same in INT8 with the word embeddings INT8
-  per row, and in INT8 with the word embeddings as rank-``--embedding-rank`` SVD factors (INT8);
+  per row, in INT8 with the word embeddings as rank-``--embedding-rank`` SVD factors (INT8), and in INT8 with only
+  the word-embedding rows of the training split's tokens (others load as [UNK]);
 - ONNX graphs: fp32 (from the fp32 checkpoint) and ONNX Runtime dynamic INT8 (from the INT8 checkpoint).
 
 Runtime variants (each row names its file and the variant it runs; formats that load into the same model share
@@ -84,7 +85,7 @@ def _convert(src: Path, dst: Path, **kwargs: Any) -> Path:
     return dst
 
 
-def build_files(label: str, src: Path, work: Path, rank: int) -> tuple[list[Row], dict[str, Path]]:
+def build_files(label: str, src: Path, work: Path, rank: int, vocab: list[int]) -> tuple[list[Row], dict[str, Path]]:
     """Write the checkpoints and ONNX graphs of one model; return its rows and the file of each variant."""
     out = work / label
     fmt, pattern = sparse_format(src)
@@ -97,8 +98,12 @@ def build_files(label: str, src: Path, work: Path, rank: int) -> tuple[list[Row]
     int8 = _convert(src, out / f"{fmt}_int8", format=fmt, pattern=pattern, quantize="int8")
     low = _convert(src, out / f"{fmt}_int8_emb{rank}", format=fmt, pattern=pattern, quantize="int8",
                    embedding_rank=rank)
+    trimmed = _convert(src, out / f"{fmt}_int8_vocab", format=fmt, pattern=pattern, quantize="int8",
+                       embedding_rows=vocab)
     rows += [Row(label, fmt, "int8", "INT8 per row", "pytorch", int8, f"{label}/pt_int8"),
-             Row(label, fmt, "int8", emb, "pytorch", low, f"{label}/pt_int8_emb")]
+             Row(label, fmt, "int8", emb, "pytorch", low, f"{label}/pt_int8_emb"),
+             Row(label, fmt, "int8", f"train-set rows only ({len(vocab)}), INT8", "pytorch", trimmed,
+                 f"{label}/pt_int8_vocab")]
     onnx_fp32, onnx_int8 = out / "model.onnx", out / "model.int8.onnx"
     if not onnx_fp32.is_file():
         export_onnx(load_pruned_model(fp32), onnx_fp32)
@@ -108,8 +113,18 @@ def build_files(label: str, src: Path, work: Path, rank: int) -> tuple[list[Row]
         tmp.unlink()
     rows += [Row(label, "onnx", "none", "fp32", "onnxruntime", onnx_fp32, f"{label}/ort_fp32"),
              Row(label, "onnx", "int8", "INT8 (ORT Gather)", "onnxruntime", onnx_int8, f"{label}/ort_int8")]
-    files = {"pt_fp32": fp32, "pt_int8": int8, "pt_int8_emb": low, "ort_fp32": onnx_fp32, "ort_int8": onnx_int8}
+    files = {"pt_fp32": fp32, "pt_int8": int8, "pt_int8_emb": low, "pt_int8_vocab": trimmed, "ort_fp32": onnx_fp32,
+             "ort_int8": onnx_int8}
     return rows, {f"{label}/{k}": v for k, v in files.items()}
+
+
+def train_vocabulary(src: Path, data_dir: str | None) -> list[int]:
+    """Ids of the sub-tokens of the CoNLL-2003 training split (+ special tokens) under the model's tokenizer."""
+    from transformers import AutoTokenizer
+
+    from prune_trainer.data import load_conll_splits, used_token_ids
+
+    return used_token_ids(load_conll_splits(data_dir)["train"], AutoTokenizer.from_pretrained(src))
 
 
 def load_variant(key: str, path: Path, threads: int) -> Any:
@@ -236,7 +251,8 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[Row] = []
     files: dict[str, Path] = {}
     for label, src in models.items():
-        model_rows, model_files = build_files(label, Path(src), Path(args.work), args.embedding_rank)
+        vocab = train_vocabulary(Path(src), args.data_dir)
+        model_rows, model_files = build_files(label, Path(src), Path(args.work), args.embedding_rank, vocab)
         rows += model_rows
         files.update(model_files)
         print(f"files of {label} ready", flush=True)

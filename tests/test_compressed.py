@@ -250,3 +250,28 @@ def test_export_command_compresses_a_model_folder(tmp_path, capsys):
     assert load_pruned_model(tmp_path / "small").config.vocab_size == 64
     assert main(["export", str(tmp_path / "plain"), str(tmp_path / "nm"), "--format", "nm"]) == 2  # not 2:4
     assert "is not 2:4 sparse" in capsys.readouterr().err and not (tmp_path / "nm").exists()
+
+
+@pytest.mark.parametrize("quantize", [None, "int8"])
+def test_trimmed_vocabulary_keeps_the_used_rows_and_maps_the_rest_to_unk(tmp_path, quantize):
+    from prune_trainer.data import used_token_ids
+    from prune_trainer.data.conll import Sentence
+
+    tok = tiny_tokenizer()
+    model = tiny_bert()
+    used = used_token_ids([Sentence(["alvo", "went", "to", "ostra"], ["B-PER", "O", "O", "B-LOC"])], tok)
+    assert {tok.cls_token_id, tok.sep_token_id, tok.unk_token_id, tok.convert_tokens_to_ids("alvo")} <= set(used)
+    export_pruned_model(model, tmp_path / "t", tok, quantize=quantize, embedding_rows=used)
+    emb = load_pruned_model(tmp_path / "t").bert.embeddings.word_embeddings.weight
+    original = model.bert.embeddings.word_embeddings.weight.detach()
+    dropped = sorted(set(range(original.shape[0])) - set(used))
+    step = original.abs().amax(1) / 127 / 2 if quantize else torch.zeros(original.shape[0])
+    assert bool(((emb[used] - original[used]).abs() <= step[used, None] * (1 + 1e-5)).all())
+    assert torch.equal(emb[dropped], emb[tok.unk_token_id].expand(len(dropped), -1))
+    sizes, _ = _tensor_bytes(tmp_path / "t" / WEIGHTS_FILE)
+    name = "bert.embeddings.word_embeddings.weight"
+    stored = sum(v for k, v in sizes.items() if k.rsplit(".", 1)[0] == name)
+    per_value = 1 if quantize else 4
+    assert stored == len(used) * 32 * per_value + (len(used) * 4 if quantize else 0) + -(-original.shape[0] // 8)
+    with pytest.raises(ValueError, match="needs a tokenizer"):
+        export_pruned_model(tiny_bert(), tmp_path / "u", embedding_rows=used)

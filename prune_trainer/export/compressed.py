@@ -9,7 +9,9 @@ Storage per pruned ``[out, in]`` weight with ``nnz`` non-zeros (``b`` bytes per 
 The overview's point (pruning lesson §5): the format decides whether sparsity saves anything; a bitmask beats dense
 storage once more than 1/32 (fp32) or 1/8 (INT8) of the weights are zero, so a layer is stored as a bitmask only
 then (or when named). With ``quantize="int8"`` every Linear and Embedding weight is INT8 per row; the word
-embeddings can also be stored as rank-r factors ``A B`` (truncated SVD, Eckart–Young; lossy, like any r < hidden).
+embeddings can also be stored as rank-r factors ``A B`` (truncated SVD, Eckart–Young; lossy, like any
+r < hidden), or trimmed to the vocabulary rows a task uses (a row bitmask + the kept rows; every other token loads
+as the unknown token's row).
 Everything else is stored as is. The JSON layout records the file's byte size and SHA-256, so a truncated or
 corrupt file is a clear error, never a wrong model; loading uses safetensors and JSON only (no pickle, no code).
 """
@@ -34,7 +36,9 @@ from prune_trainer.export.packing import (
     index_bits,
     nm_decode,
     nm_encode,
+    pack_bits,
     quantize_int8,
+    unpack_bits,
 )
 
 LAYOUT_FILE = "compression.json"
@@ -47,13 +51,16 @@ LAYOUT_VERSION = 1
 @dataclass(frozen=True)
 class CompressionSpec:
     """How to store a model: ``format`` (dense | bitmask | nm), ``quantize`` (None | "int8"), the N:M pattern,
-    the word embeddings' factorization rank (None: full matrix) and explicit layers to encode (None: automatic)."""
+    the word embeddings' factorization rank (None: full matrix) or the vocabulary rows to keep (the others load as
+    row ``embedding_fill``, the unknown token), and explicit layers to encode (None: automatic)."""
 
     format: str = "dense"
     quantize: str | None = None
     pattern: str = "2:4"
     embedding_rank: int | None = None
     layers: tuple[str, ...] | None = None
+    embedding_rows: tuple[int, ...] | None = None
+    embedding_fill: int | None = None
 
     def __post_init__(self) -> None:
         if self.format not in FORMATS:
@@ -64,11 +71,17 @@ class CompressionSpec:
             self.nm()
         if self.embedding_rank is not None and (not isinstance(self.embedding_rank, int) or self.embedding_rank < 1):
             raise ValueError(f"embedding_rank must be a positive integer, got {self.embedding_rank!r}")
+        if self.embedding_rows is not None:
+            if self.embedding_rank is not None:
+                raise ValueError("give embedding_rank or embedding_rows, not both")
+            if self.embedding_fill is None or self.embedding_fill not in set(self.embedding_rows):
+                raise ValueError(f"embedding_fill ({self.embedding_fill!r}, e.g. the [UNK] id) must be a kept row")
 
     @property
     def plain(self) -> bool:
         """A plain ``save_pretrained`` checkpoint (nothing to compress)."""
-        return self.format == "dense" and self.quantize is None and self.embedding_rank is None
+        return (self.format == "dense" and self.quantize is None and self.embedding_rank is None
+                and self.embedding_rows is None)
 
     def nm(self) -> tuple[int, int]:
         """``(N, M)`` from ``pattern`` ("2:4")."""
@@ -138,6 +151,16 @@ def _encode_weight(name: str, w: torch.Tensor, encoding: str, spec: CompressionS
     entry: dict[str, Any] = {"encoding": encoding, "shape": list(w.shape), "dtype": str(w.dtype).split(".")[-1],
                              "quant": spec.quantize}
     parts: dict[str, torch.Tensor] = {}
+    if encoding == "rows":
+        keep = torch.zeros(w.shape[0], dtype=torch.bool)
+        keep[torch.tensor(spec.embedding_rows, dtype=torch.long)] = True
+        w = w[keep]
+        parts[f"{name}.rows"] = pack_bits(keep)
+        entry.update(fill=int(spec.embedding_fill), kept=int(keep.sum()))
+        if spec.quantize:
+            w, parts[f"{name}.scale"] = quantize_int8(w)
+        parts[f"{name}.values"] = w
+        return parts, entry
     if encoding == "lowrank":
         u, s, vh = torch.linalg.svd(w.double(), full_matrices=False)
         r = spec.embedding_rank
@@ -182,6 +205,10 @@ def encode_model(model: nn.Module, spec: CompressionSpec) -> tuple[dict[str, tor
             if spec.embedding_rank >= min(tensor.shape):
                 raise ValueError(f"embedding_rank {spec.embedding_rank} must be below {min(tensor.shape)} ({name})")
             encoding = "lowrank"
+        elif spec.embedding_rows is not None and name == word:
+            if not 0 <= min(spec.embedding_rows) <= max(spec.embedding_rows) < tensor.shape[0]:
+                raise ValueError(f"embedding_rows must be ids in [0, {tensor.shape[0]}) for {name}")
+            encoding = "rows"
         elif name in sparse:
             encoding = spec.format
         elif role is not None and spec.quantize:
@@ -193,7 +220,8 @@ def encode_model(model: nn.Module, spec: CompressionSpec) -> tuple[dict[str, tor
         parts, entries[name] = _encode_weight(name, tensor.float() if tensor.is_floating_point() else tensor,
                                               encoding, spec)
         tensors.update(parts)
-    layout = {"version": LAYOUT_VERSION, **asdict(spec), "file": WEIGHTS_FILE, "entries": entries, "raw": raw}
+    settings = {k: v for k, v in asdict(spec).items() if k != "embedding_rows"}  # the rows are in the file
+    layout = {"version": LAYOUT_VERSION, **settings, "file": WEIGHTS_FILE, "entries": entries, "raw": raw}
     return tensors, layout
 
 
@@ -254,6 +282,8 @@ def _decode_entry(name: str, entry: dict[str, Any], parts: dict[str, torch.Tenso
                 for p in ("a", "b"))
         return (a @ b).to(dtype).reshape(shape)
     values = parts[f"{name}.values"]
+    if entry["encoding"] == "rows":
+        return _decode_rows(name, entry, parts, quant).to(dtype)
     if entry["encoding"] == "bitmask":
         w = bitmask_decode(parts[f"{name}.mask"], values, shape)
     elif entry["encoding"] == "nm":
@@ -263,6 +293,21 @@ def _decode_entry(name: str, entry: dict[str, Any], parts: dict[str, torch.Tenso
     else:
         raise ValueError(f"{name}: unknown encoding {entry['encoding']!r}")
     return dequantize_int8(w, parts[f"{name}.scale"], dtype) if quant else w.to(dtype)
+
+
+def _decode_rows(name: str, entry: dict[str, Any], parts: dict[str, torch.Tensor], quant: bool) -> torch.Tensor:
+    """A trimmed-vocabulary embedding: the kept rows in place, every other row a copy of row ``fill``."""
+    vocab, _ = entry["shape"]
+    keep = unpack_bits(parts[f"{name}.rows"], vocab)
+    values = parts[f"{name}.values"]
+    if int(keep.sum()) != values.shape[0] or not bool(keep[entry["fill"]]):
+        raise ValueError(f"{name}: the row mask keeps {int(keep.sum())} rows (fill row kept: "
+                         f"{bool(keep[entry['fill']])}) but {values.shape[0]} rows are stored")
+    if quant:
+        values = dequantize_int8(values, parts[f"{name}.scale"])
+    position = torch.cumsum(keep.long(), 0) - 1  # row i is stored at position[i] when kept
+    source = torch.where(keep, position, position[entry["fill"]])
+    return values[source]
 
 
 def read_compressed(path: str | Path) -> dict[str, torch.Tensor]:

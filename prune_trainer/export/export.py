@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -98,19 +99,27 @@ def export_pruned_model(
     format: str = "dense",
     quantize: str | None = None,
     embedding_rank: int | None = None,
+    embedding_rows: Sequence[int] | None = None,
 ) -> dict[str, Any]:
     """Unwrap ``model`` in place (``MaskedLinear`` → ``nn.Linear`` with ``W ⊙ M``), save it (and the tokenizer)
     to ``path``, and write ``sparsity.json``; return that report.
 
     ``format="dense"`` without ``quantize``: a plain `save_pretrained` folder (reloads with
     ``AutoModelForTokenClassification.from_pretrained``). ``format="bitmask" | "nm"`` and/or ``quantize="int8"``
-    and/or ``embedding_rank``: a compressed checkpoint (`prune_trainer.export.compressed`; ``nm`` takes N:M from
-    ``pattern``, default 2:4) that `load_pruned_model` rebuilds. Bad settings and layers that are not N:M raise
+    and/or ``embedding_rank`` (word embeddings as rank-r factors) or ``embedding_rows`` (keep only these vocabulary
+    rows, e.g. `used_token_ids` of the training data; the others load as the tokenizer's unknown token): a
+    compressed checkpoint (`prune_trainer.export.compressed`; ``nm`` takes N:M from ``pattern``, default 2:4) that
+    `load_pruned_model` rebuilds. Bad settings and layers that are not N:M raise
     before anything is written. The folder is built in a temporary sibling and renamed into place
     (`atomic_dir`): ``path`` is complete or absent, never half-written, even when the process is killed.
     """
     nm_pattern = pattern if ":" in str(pattern) else "2:4"
-    spec = CompressionSpec(format=format, quantize=quantize, pattern=nm_pattern, embedding_rank=embedding_rank)
+    fill = getattr(tokenizer, "unk_token_id", None)
+    if embedding_rows is not None and fill is None:
+        raise ValueError("embedding_rows needs a tokenizer with an unknown token: it fills the dropped rows")
+    spec = CompressionSpec(format=format, quantize=quantize, pattern=nm_pattern, embedding_rank=embedding_rank,
+                           embedding_rows=None if embedding_rows is None else tuple(sorted({fill, *embedding_rows})),
+                           embedding_fill=None if embedding_rows is None else fill)
     path = Path(path)
     layer_names = list(masked_layers(model)) or None
     unwrap_masked_layers(model)
@@ -119,6 +128,7 @@ def export_pruned_model(
     encoded = encode_for_export(model, spec)
     if encoded is not None:
         report["compression"] = {k: encoded[1][k] for k in ("format", "quantize", "pattern", "embedding_rank")}
+        report["compression"]["embedding_rows"] = None if embedding_rows is None else len(spec.embedding_rows)
     with atomic_dir(path) as tmp:
         save_model_weights(model, tmp, encoded)
         if tokenizer is not None:
