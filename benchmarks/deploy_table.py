@@ -6,8 +6,9 @@ For every model (``--model label=path``, the first is the dense baseline) the sc
 
 - checkpoints: plain fp32 (``dense``), the model's sparse format in fp32 (``bitmask`` for unstructured sparsity,
   ``nm`` for N:M; structured models are small already: ``dense``), the same in INT8 with the word embeddings INT8
-  per row, in INT8 with the word embeddings as rank-``--embedding-rank`` SVD factors (INT8), and in INT8 with only
-  the word-embedding rows of the training split's tokens (others load as [UNK]);
+  per row, in INT8 with the word embeddings INT4 (groups of 128), in INT8 with the word embeddings as
+  rank-``--embedding-rank`` SVD factors (INT8), and in INT8 with only the word-embedding rows of the training
+  split's tokens (others load as [UNK]);
 - ONNX graphs: fp32 (from the fp32 checkpoint) and ONNX Runtime dynamic INT8 (from the INT8 checkpoint).
 
 Runtime variants (each row names its file and the variant it runs; formats that load into the same model share
@@ -100,7 +101,10 @@ def build_files(label: str, src: Path, work: Path, rank: int, vocab: list[int]) 
                    embedding_rank=rank)
     trimmed = _convert(src, out / f"{fmt}_int8_vocab", format=fmt, pattern=pattern, quantize="int8",
                        embedding_rows=vocab)
+    emb4 = _convert(src, out / f"{fmt}_int8_emb4", format=fmt, pattern=pattern, quantize="int8",
+                    embedding_quant="int4")
     rows += [Row(label, fmt, "int8", "INT8 per row", "pytorch", int8, f"{label}/pt_int8"),
+             Row(label, fmt, "int8", "INT4, groups of 128, fp16 scales", "pytorch", emb4, f"{label}/pt_int8_emb4"),
              Row(label, fmt, "int8", emb, "pytorch", low, f"{label}/pt_int8_emb"),
              Row(label, fmt, "int8", f"train-set rows only ({len(vocab)}), INT8", "pytorch", trimmed,
                  f"{label}/pt_int8_vocab")]
@@ -113,8 +117,8 @@ def build_files(label: str, src: Path, work: Path, rank: int, vocab: list[int]) 
         tmp.unlink()
     rows += [Row(label, "onnx", "none", "fp32", "onnxruntime", onnx_fp32, f"{label}/ort_fp32"),
              Row(label, "onnx", "int8", "INT8 (ORT Gather)", "onnxruntime", onnx_int8, f"{label}/ort_int8")]
-    files = {"pt_fp32": fp32, "pt_int8": int8, "pt_int8_emb": low, "pt_int8_vocab": trimmed, "ort_fp32": onnx_fp32,
-             "ort_int8": onnx_int8}
+    files = {"pt_fp32": fp32, "pt_int8": int8, "pt_int8_emb4": emb4, "pt_int8_emb": low, "pt_int8_vocab": trimmed,
+             "ort_fp32": onnx_fp32, "ort_int8": onnx_int8}
     return rows, {f"{label}/{k}": v for k, v in files.items()}
 
 

@@ -129,7 +129,7 @@ def _export(args: argparse.Namespace) -> int:
         train = load_conll_splits(args.data_dir)["train"]
         rows = used_token_ids(train, AutoTokenizer.from_pretrained(args.model_dir))
     report = convert_checkpoint(args.model_dir, args.output_dir, args.format, quantize, args.pattern,
-                                args.embedding_rank, rows)
+                                args.embedding_rank, rows, args.embedding_quant)
     print(f"{args.output_dir}: format={args.format} quantize={args.quantize} "
           f"sparsity={report['global_sparsity']:.4f} weights {report['src_mib']:.2f} MiB -> {report['dst_mib']:.2f} "
           f"MiB ({report['src_mib'] / report['dst_mib']:.1f}x smaller)")
@@ -176,6 +176,8 @@ def _add_export_parsers(sub: argparse._SubParsersAction) -> None:
                    help="int8: per-output-channel symmetric INT8 Linear and embedding weights")
     p.add_argument("--pattern", help="N:M pattern for --format nm (default: the model's, else 2:4)")
     p.add_argument("--embedding-rank", type=int, help="store the word embeddings as rank-r SVD factors (lossy)")
+    p.add_argument("--embedding-quant", choices=["int8", "int4"],
+                   help="quantize the word embeddings (default: as --quantize); int4: groups of 128, fp16 scales")
     p.add_argument("--trim-vocab", action="store_true",
                    help="keep only the word-embedding rows of tokens in the training split (others load as [UNK])")
     p.add_argument("--data-dir", help="CoNLL-2003 directory for --trim-vocab (default: $PRUNE_TRAINER_CONLL_DIR)")

@@ -275,3 +275,30 @@ def test_trimmed_vocabulary_keeps_the_used_rows_and_maps_the_rest_to_unk(tmp_pat
     assert stored == len(used) * 32 * per_value + (len(used) * 4 if quantize else 0) + -(-original.shape[0] // 8)
     with pytest.raises(ValueError, match="needs a tokenizer"):
         export_pruned_model(tiny_bert(), tmp_path / "u", embedding_rows=used)
+
+
+def test_int4_embeddings_within_half_a_step_with_the_size_of_the_formula(tmp_path):
+    from prune_trainer.export.packing import dequantize_int4, quantize_int4
+
+    w = torch.randn(5, 256) * (torch.rand(5, 256) > 0.3)
+    packed, scale = quantize_int4(w, 128)
+    assert packed.shape == (5, 128) and scale.shape == (5, 2) and scale.dtype == torch.float16
+    back = dequantize_int4(packed, scale, 128)
+    step = scale.float().repeat_interleave(128, dim=1)
+    assert bool(((back - w).abs() <= step / 2 * (1 + 1e-3)).all()) and bool((back[w == 0] == 0).all())
+    with pytest.raises(ValueError, match="do not tile"):
+        quantize_int4(w, 96)
+
+    model = pruned_bert()
+    original = model.bert.embeddings.word_embeddings.weight.detach().clone()
+    export_pruned_model(model, tmp_path / "e", tiny_tokenizer(), format="bitmask", quantize="int8",
+                        embedding_quant="int4")
+    layout = json.loads((tmp_path / "e" / LAYOUT_FILE).read_text())
+    name = "bert.embeddings.word_embeddings.weight"
+    assert layout["entries"][name]["quant"] == "int4" and layout["entries"][name]["group"] == 32  # hidden 32
+    assert layout["entries"]["bert.embeddings.position_embeddings.weight"]["quant"] == "int8"
+    got = load_pruned_model(tmp_path / "e").bert.embeddings.word_embeddings.weight
+    half_step = original.abs().amax(1, keepdim=True) / 7 / 2
+    assert bool(((got - original).abs() <= half_step * (1 + 1e-3) + 1e-7).all())
+    sizes, _ = _tensor_bytes(tmp_path / "e" / WEIGHTS_FILE)
+    assert sizes[f"{name}.values"] + sizes[f"{name}.scale"] == 64 * 32 // 2 + 64 * 2  # vocab 64, hidden 32

@@ -32,11 +32,13 @@ from torch import nn
 from prune_trainer.export.packing import (
     bitmask_decode,
     bitmask_encode,
+    dequantize_int4,
     dequantize_int8,
     index_bits,
     nm_decode,
     nm_encode,
     pack_bits,
+    quantize_int4,
     quantize_int8,
     unpack_bits,
 )
@@ -45,6 +47,8 @@ LAYOUT_FILE = "compression.json"
 WEIGHTS_FILE = "model.compressed.safetensors"
 FORMATS = ("dense", "bitmask", "nm")
 QUANTIZE = (None, "int8")
+EMBEDDING_QUANT = (None, "int8", "int4")
+INT4_GROUP = 128
 LAYOUT_VERSION = 1
 
 
@@ -61,6 +65,7 @@ class CompressionSpec:
     layers: tuple[str, ...] | None = None
     embedding_rows: tuple[int, ...] | None = None
     embedding_fill: int | None = None
+    embedding_quant: str | None = None
 
     def __post_init__(self) -> None:
         if self.format not in FORMATS:
@@ -71,6 +76,10 @@ class CompressionSpec:
             self.nm()
         if self.embedding_rank is not None and (not isinstance(self.embedding_rank, int) or self.embedding_rank < 1):
             raise ValueError(f"embedding_rank must be a positive integer, got {self.embedding_rank!r}")
+        if self.embedding_quant not in EMBEDDING_QUANT:
+            raise ValueError(f"embedding_quant must be None, 'int8' or 'int4', got {self.embedding_quant!r}")
+        if self.embedding_quant == "int4" and self.embedding_rank is not None:
+            raise ValueError("embedding_quant='int4' applies to full or trimmed embeddings, not to embedding_rank")
         if self.embedding_rows is not None:
             if self.embedding_rank is not None:
                 raise ValueError("give embedding_rank or embedding_rows, not both")
@@ -81,7 +90,7 @@ class CompressionSpec:
     def plain(self) -> bool:
         """A plain ``save_pretrained`` checkpoint (nothing to compress)."""
         return (self.format == "dense" and self.quantize is None and self.embedding_rank is None
-                and self.embedding_rows is None)
+                and self.embedding_rows is None and self.embedding_quant is None)
 
     def nm(self) -> tuple[int, int]:
         """``(N, M)`` from ``pattern`` ("2:4")."""
@@ -146,34 +155,43 @@ def _sparse_layers(state: dict[str, torch.Tensor], roles: dict[str, str], spec: 
     return chosen
 
 
-def _encode_weight(name: str, w: torch.Tensor, encoding: str, spec: CompressionSpec) -> tuple[dict, dict]:
-    """Tensors (keyed by ``name.<part>``) and the layout entry of one weight."""
+def _quantize(w: torch.Tensor, quant: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(stored values, scales)`` of a 2-D weight: INT8 per row, or INT4 in groups of `int4_group`."""
+    return quantize_int4(w, int4_group(w.shape[1])) if quant == "int4" else quantize_int8(w)
+
+
+def int4_group(cols: int) -> int:
+    """INT4 group size of rows of ``cols`` values: 128 when it divides them, else the whole row."""
+    return INT4_GROUP if cols % INT4_GROUP == 0 else cols
+
+
+def _encode_weight(name: str, w: torch.Tensor, encoding: str, spec: CompressionSpec, quant: str | None
+                   ) -> tuple[dict, dict]:
+    """Tensors (keyed by ``name.<part>``) and the layout entry of one weight (``quant``: None, int8, int4)."""
     entry: dict[str, Any] = {"encoding": encoding, "shape": list(w.shape), "dtype": str(w.dtype).split(".")[-1],
-                             "quant": spec.quantize}
+                             "quant": quant}
+    if quant == "int4":
+        entry["group"] = int4_group(w.shape[1])
     parts: dict[str, torch.Tensor] = {}
-    if encoding == "rows":
-        keep = torch.zeros(w.shape[0], dtype=torch.bool)
-        keep[torch.tensor(spec.embedding_rows, dtype=torch.long)] = True
-        w = w[keep]
-        parts[f"{name}.rows"] = pack_bits(keep)
-        entry.update(fill=int(spec.embedding_fill), kept=int(keep.sum()))
-        if spec.quantize:
-            w, parts[f"{name}.scale"] = quantize_int8(w)
-        parts[f"{name}.values"] = w
-        return parts, entry
     if encoding == "lowrank":
         u, s, vh = torch.linalg.svd(w.double(), full_matrices=False)
         r = spec.embedding_rank
         a, b = (u[:, :r] * s[:r]).float().contiguous(), vh[:r].float().contiguous()
         entry["rank"] = r
         for part, t in (("a", a), ("b", b)):
-            if spec.quantize:
+            if quant:
                 parts[f"{name}.{part}"], parts[f"{name}.{part}_scale"] = quantize_int8(t)
             else:
                 parts[f"{name}.{part}"] = t
         return parts, entry
-    if spec.quantize:
-        w, parts[f"{name}.scale"] = quantize_int8(w)
+    if encoding == "rows":
+        keep = torch.zeros(w.shape[0], dtype=torch.bool)
+        keep[torch.tensor(spec.embedding_rows, dtype=torch.long)] = True
+        w = w[keep]
+        parts[f"{name}.rows"] = pack_bits(keep)
+        entry.update(fill=int(spec.embedding_fill), kept=int(keep.sum()))
+    if quant:
+        w, parts[f"{name}.scale"] = _quantize(w, quant)
     if encoding == "bitmask":
         parts[f"{name}.mask"], parts[f"{name}.values"] = bitmask_encode(w)
         entry["nnz"] = parts[f"{name}.values"].numel()
@@ -211,14 +229,15 @@ def encode_model(model: nn.Module, spec: CompressionSpec) -> tuple[dict[str, tor
             encoding = "rows"
         elif name in sparse:
             encoding = spec.format
-        elif role is not None and spec.quantize:
+        elif role is not None and (spec.quantize or (name == word and spec.embedding_quant)):
             encoding = "dense"
         else:
             tensors[name] = tensor  # stored as is
             raw.append(name)
             continue
+        quant = (spec.embedding_quant or spec.quantize) if name == word else spec.quantize
         parts, entries[name] = _encode_weight(name, tensor.float() if tensor.is_floating_point() else tensor,
-                                              encoding, spec)
+                                              encoding, spec, quant)
         tensors.update(parts)
     settings = {k: v for k, v in asdict(spec).items() if k != "embedding_rows"}  # the rows are in the file
     layout = {"version": LAYOUT_VERSION, **settings, "file": WEIGHTS_FILE, "entries": entries, "raw": raw}
@@ -272,39 +291,43 @@ def read_layout(path: str | Path) -> dict[str, Any]:
     return layout
 
 
+def _dequantize(values: torch.Tensor, entry: dict[str, Any], scale: torch.Tensor | None) -> torch.Tensor:
+    """Float32 values of a stored 2-D part: as is, INT8 per row, or INT4 groups."""
+    if entry.get("quant") == "int4":
+        return dequantize_int4(values, scale, int(entry["group"]))
+    return dequantize_int8(values, scale) if entry.get("quant") == "int8" else values.float()
+
+
 def _decode_entry(name: str, entry: dict[str, Any], parts: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The float tensor of one layout entry from its stored parts (dequantized when INT8)."""
+    """The float tensor of one layout entry from its stored parts (dequantized when INT8/INT4)."""
     shape = tuple(entry["shape"])
     dtype = getattr(torch, entry["dtype"])
-    quant = entry.get("quant") == "int8"
     if entry["encoding"] == "lowrank":
-        a, b = (dequantize_int8(parts[f"{name}.{p}"], parts[f"{name}.{p}_scale"]) if quant else parts[f"{name}.{p}"]
-                for p in ("a", "b"))
+        a, b = (_dequantize(parts[f"{name}.{p}"], entry, parts.get(f"{name}.{p}_scale")) for p in ("a", "b"))
         return (a @ b).to(dtype).reshape(shape)
-    values = parts[f"{name}.values"]
+    values, scale = parts[f"{name}.values"], parts.get(f"{name}.scale")
+    if entry.get("quant") and scale is None:
+        raise KeyError(f"{name}.scale")
     if entry["encoding"] == "rows":
-        return _decode_rows(name, entry, parts, quant).to(dtype)
+        return _decode_rows(name, entry, parts[f"{name}.rows"], _dequantize(values, entry, scale)).to(dtype)
     if entry["encoding"] == "bitmask":
         w = bitmask_decode(parts[f"{name}.mask"], values, shape)
     elif entry["encoding"] == "nm":
         w = nm_decode(values, parts[f"{name}.index"], shape, int(entry["n"]), int(entry["m"]))
     elif entry["encoding"] == "dense":
-        w = values.reshape(shape)
+        w = values if entry.get("quant") == "int4" else values.reshape(shape)
     else:
         raise ValueError(f"{name}: unknown encoding {entry['encoding']!r}")
-    return dequantize_int8(w, parts[f"{name}.scale"], dtype) if quant else w.to(dtype)
+    return _dequantize(w, entry, scale).reshape(shape).to(dtype)
 
 
-def _decode_rows(name: str, entry: dict[str, Any], parts: dict[str, torch.Tensor], quant: bool) -> torch.Tensor:
+def _decode_rows(name: str, entry: dict[str, Any], rows: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     """A trimmed-vocabulary embedding: the kept rows in place, every other row a copy of row ``fill``."""
     vocab, _ = entry["shape"]
-    keep = unpack_bits(parts[f"{name}.rows"], vocab)
-    values = parts[f"{name}.values"]
+    keep = unpack_bits(rows, vocab)
     if int(keep.sum()) != values.shape[0] or not bool(keep[entry["fill"]]):
         raise ValueError(f"{name}: the row mask keeps {int(keep.sum())} rows (fill row kept: "
                          f"{bool(keep[entry['fill']])}) but {values.shape[0]} rows are stored")
-    if quant:
-        values = dequantize_int8(values, parts[f"{name}.scale"])
     position = torch.cumsum(keep.long(), 0) - 1  # row i is stored at position[i] when kept
     source = torch.where(keep, position, position[entry["fill"]])
     return values[source]

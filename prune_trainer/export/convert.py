@@ -27,11 +27,12 @@ def convert_checkpoint(
     pattern: str | None = None,
     embedding_rank: int | None = None,
     embedding_rows: Sequence[int] | None = None,
+    embedding_quant: str | None = None,
 ) -> dict[str, Any]:
     """Load ``src`` with `load_pruned_model` (no pickle, no code), write it to ``dst`` with `export_pruned_model`
-    in ``format``/``quantize``/``embedding_rank``/``embedding_rows`` (N:M ``pattern``: given, else the source's
-    ``sparsity.json`` pattern when it is N:M, else 2:4), with the source's tokenizer and method. Returns the
-    new ``sparsity.json`` report with ``src_mib`` and ``dst_mib`` (weight files)."""
+    and these storage settings (N:M ``pattern``: given, else the source's ``sparsity.json`` pattern when it is N:M,
+    else 2:4), with the source's tokenizer and method. Returns the new ``sparsity.json`` report with ``src_mib``
+    and ``dst_mib`` (weight files)."""
     from transformers import AutoTokenizer
 
     from prune_trainer.export.structured import load_pruned_model
@@ -49,5 +50,6 @@ def convert_checkpoint(
     tokenizer = AutoTokenizer.from_pretrained(src) if has_tokenizer else None
     report = export_pruned_model(model, dst, tokenizer, method=source_report.get("method"), pattern=pattern,
                                  config=source_report.get("config"), format=format, quantize=quantize,
-                                 embedding_rank=embedding_rank, embedding_rows=embedding_rows)
+                                 embedding_rank=embedding_rank, embedding_rows=embedding_rows,
+                                 embedding_quant=embedding_quant)
     return {**report, "src_mib": round(weight_file_mib(src), 3), "dst_mib": round(weight_file_mib(dst), 3)}

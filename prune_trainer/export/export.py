@@ -100,6 +100,7 @@ def export_pruned_model(
     quantize: str | None = None,
     embedding_rank: int | None = None,
     embedding_rows: Sequence[int] | None = None,
+    embedding_quant: str | None = None,
 ) -> dict[str, Any]:
     """Unwrap ``model`` in place (``MaskedLinear`` → ``nn.Linear`` with ``W ⊙ M``), save it (and the tokenizer)
     to ``path``, and write ``sparsity.json``; return that report.
@@ -109,7 +110,8 @@ def export_pruned_model(
     and/or ``embedding_rank`` (word embeddings as rank-r factors) or ``embedding_rows`` (keep only these vocabulary
     rows, e.g. `used_token_ids` of the training data; the others load as the tokenizer's unknown token): a
     compressed checkpoint (`prune_trainer.export.compressed`; ``nm`` takes N:M from ``pattern``, default 2:4) that
-    `load_pruned_model` rebuilds. Bad settings and layers that are not N:M raise
+    `load_pruned_model` rebuilds. ``embedding_quant`` ("int8" | "int4", default: ``quantize``) quantizes the word
+    embeddings alone (INT4: groups of 128 values of a row, fp16 scales). Bad settings and layers that are not N:M raise
     before anything is written. The folder is built in a temporary sibling and renamed into place
     (`atomic_dir`): ``path`` is complete or absent, never half-written, even when the process is killed.
     """
@@ -119,7 +121,7 @@ def export_pruned_model(
         raise ValueError("embedding_rows needs a tokenizer with an unknown token: it fills the dropped rows")
     spec = CompressionSpec(format=format, quantize=quantize, pattern=nm_pattern, embedding_rank=embedding_rank,
                            embedding_rows=None if embedding_rows is None else tuple(sorted({fill, *embedding_rows})),
-                           embedding_fill=None if embedding_rows is None else fill)
+                           embedding_fill=None if embedding_rows is None else fill, embedding_quant=embedding_quant)
     path = Path(path)
     layer_names = list(masked_layers(model)) or None
     unwrap_masked_layers(model)
@@ -127,7 +129,8 @@ def export_pruned_model(
     report = sparsity_report(model, layer_names, method=method, pattern=pattern, config=config)
     encoded = encode_for_export(model, spec)
     if encoded is not None:
-        report["compression"] = {k: encoded[1][k] for k in ("format", "quantize", "pattern", "embedding_rank")}
+        report["compression"] = {k: encoded[1][k] for k in ("format", "quantize", "pattern", "embedding_rank",
+                                                             "embedding_quant")}
         report["compression"]["embedding_rows"] = None if embedding_rows is None else len(spec.embedding_rows)
     with atomic_dir(path) as tmp:
         save_model_weights(model, tmp, encoded)

@@ -140,3 +140,41 @@ def dequantize_int8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = t
         raise ValueError(f"INT8 scales of shape {tuple(scale.shape)} do not fit weights of shape {tuple(q.shape)}")
     shape = (-1,) + (1,) * (q.dim() - 1)
     return (q.float() * scale.float().reshape(shape)).to(dtype)
+
+
+INT4_MAX = 7
+
+
+def quantize_int4(weight: torch.Tensor, group: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric INT4 in groups of ``group`` consecutive values of a row: ``s = max|W_g| / 7`` (fp16, at least
+    2⁻¹⁴), ``q = round(W / s)`` in [-7, 7], two values per byte (``q + 8``, low nibble first). Returns
+    ``(packed uint8 [rows, cols/2], scales fp16 [rows, cols/group])``; ``|Ŵ − W| ≤ s/2`` and zeros stay zero.
+
+    Raises:
+        ValueError: ``cols`` not divisible by an even ``group``, or non-finite weights.
+    """
+    rows, cols = weight.shape
+    if group % 2 or cols % group:
+        raise ValueError(f"INT4 groups of {group} do not tile rows of {cols} values (need an even divisor)")
+    w = weight.detach().float().reshape(rows, cols // group, group)
+    if not torch.isfinite(w).all():
+        raise ValueError("cannot quantize non-finite weights to INT4")
+    amax = w.abs().amax(-1)
+    scale = torch.where(amax > 0, amax / INT4_MAX, torch.ones_like(amax)).clamp(min=2**-14).half()
+    q = torch.round(w / scale.float()[..., None]).clamp_(-INT4_MAX, INT4_MAX).to(torch.int16).reshape(rows, cols)
+    u = (q + 8).to(torch.uint8)
+    return u[:, 0::2] | (u[:, 1::2] << 4), scale
+
+
+def dequantize_int4(packed: torch.Tensor, scale: torch.Tensor, group: int) -> torch.Tensor:
+    """Float32 ``[rows, cols]`` from `quantize_int4`'s packed nibbles and fp16 group scales.
+
+    Raises:
+        ValueError: shapes that do not fit each other (a corrupt file).
+    """
+    rows, half = packed.shape
+    if packed.dtype != torch.uint8 or scale.shape != (rows, 2 * half // group) or (2 * half) % group:
+        raise ValueError(f"INT4 data {tuple(packed.shape)} and scales {tuple(scale.shape)} do not fit groups of "
+                         f"{group}")
+    q = torch.stack([packed & 0xF, packed >> 4], dim=-1).reshape(rows, 2 * half).to(torch.int16) - 8
+    return (q.float().reshape(rows, -1, group) * scale.float()[..., None]).reshape(rows, 2 * half)
