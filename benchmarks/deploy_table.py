@@ -153,6 +153,8 @@ def evaluate_variants(variants: dict[str, Any], files: dict[str, Path], args: ar
     if args.eval_sentences:
         sentences = sentences[: args.eval_sentences]
     for key, model in variants.items():
+        if key.split("/")[0] in args.no_eval:
+            continue
         stamp = f"{files[key]}:{files[key].stat().st_mtime_ns}:{len(sentences)}"
         if cache.get(key, {}).get("stamp") != stamp:
             tok_dir = files[key.split("/")[0] + "/pt_fp32"]
@@ -169,10 +171,13 @@ def time_variants(variants: dict[str, Any], args: argparse.Namespace) -> dict[st
     vocab = 1000
     ids = torch.randint(0, vocab, (max(args.batch_sizes), args.seq_len), generator=torch.Generator().manual_seed(0))
     medians: dict[str, dict[int, float]] = {k: {} for k in variants}
+    if len(args.reps) not in (1, len(args.batch_sizes)):
+        raise ValueError(f"--reps: one value or one per batch size ({args.batch_sizes}), got {args.reps}")
+    reps = dict(zip(args.batch_sizes, args.reps * len(args.batch_sizes) if len(args.reps) == 1 else args.reps))
     for batch_size in args.batch_sizes:
         batch = {"input_ids": ids[:batch_size], "attention_mask": torch.ones_like(ids[:batch_size])}
         t0 = time.perf_counter()
-        seconds = _time_pair(list(variants.values()), batch, args.rounds, args.reps)
+        seconds = _time_pair(list(variants.values()), batch, args.rounds, reps[batch_size])
         for key, sec in zip(variants, seconds):
             medians[key][batch_size] = round(sec * 1000, 2)
         print(f"timed batch {batch_size} in {time.perf_counter() - t0:.0f} s", flush=True)
@@ -193,7 +198,8 @@ def fill_rows(rows: list[Row], medians: dict, evals: dict, baseline: str) -> lis
             "latency_ms_b1": lat.get(1), "latency_ms_b32": lat.get(32),
             "speedup_b1": round(base[1] / lat[1], 2) if 1 in lat else None,
             "speedup_b32": round(base[32] / lat[32], 2) if 32 in lat else None,
-            "eval_f1": round(evals[row.variant]["f1"], 4), "variant": row.variant, "file": str(row.file),
+            "eval_f1": round(evals[row.variant]["f1"], 4) if row.variant in evals else None,
+            "variant": row.variant, "file": str(row.file),
         })
     return out
 
@@ -202,7 +208,8 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     """The table as Markdown, with the settings it was measured under."""
     cols = [c for c in COLUMNS if c != "model"]
     lines = [f"Measured {meta['threads']} threads (OMP_WAIT_POLICY={meta['omp_wait_policy']}, ORT without spinning), "
-             f"seq {meta['seq_len']}, {meta['rounds']} rounds × {meta['reps']} reps per variant, all variants "
+             f"seq {meta['seq_len']}, batch sizes {meta['batch_sizes']}, {meta['rounds']} rounds × {meta['reps']} "
+             f"forwards per variant (per batch size), all variants "
              f"alternating in one run; F1 on {meta['eval_sentences']} validation sentences. Device: {meta['device']}. "
              f"Commit `{meta['git_commit']}`.", "",
              "| model | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
@@ -223,13 +230,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32])
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--reps", type=int, default=2)
+    p.add_argument("--reps", type=int, nargs="+", default=[3, 1],
+                   help="forwards per variant per round: one value, or one per batch size (default 3 1)")
     p.add_argument("--eval-sentences", type=int, default=0, help="first N validation sentences (0: all)")
+    p.add_argument("--no-eval", nargs="*", default=[], metavar="LABEL",
+                   help="models timed and sized but not evaluated (F1 null), e.g. an untrained stand-in")
     p.add_argument("--eval-only", action="store_true", help="build files and fill the F1 cache; no timing, no table")
     return p.parse_args(argv)
 
 
-def run_meta(args: argparse.Namespace, models: dict[str, str], evals: dict, t_start: float) -> dict[str, Any]:
+def run_meta(args: argparse.Namespace, models: dict[str, str], evals: dict, files: dict, t_start: float
+             ) -> dict[str, Any]:
     """What the table was measured with: commit, device, command, settings, versions, eval and wall times."""
     import onnxruntime
 
@@ -240,9 +251,10 @@ def run_meta(args: argparse.Namespace, models: dict[str, str], evals: dict, t_st
         "git_commit": git_commit(), "device": f"{device_description(torch.device('cpu'))} ({platform.machine()})",
         "command": " ".join(shlex.quote(a) for a in [sys.executable.rsplit("/", 1)[-1], *sys.argv]),
         "models": models, "threads": args.threads, "seq_len": args.seq_len, "rounds": args.rounds,
-        "reps": args.reps, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+        "reps": args.reps, "batch_sizes": args.batch_sizes, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "eval_sentences": args.eval_sentences or "all", "torch": torch.__version__,
-        "onnxruntime": onnxruntime.__version__, "eval_s": {k: v["eval_s"] for k, v in evals.items()},
+        "onnxruntime": onnxruntime.__version__, "not_evaluated": args.no_eval,
+        "eval_s": {k: v["eval_s"] for k, v in evals.items() if k in files},
         "wall_s": round(time.perf_counter() - t_start, 1),
     }
 
@@ -262,11 +274,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"files of {label} ready", flush=True)
     variants = {key: load_variant(key, path, args.threads) for key, path in files.items()}
     evals = evaluate_variants(variants, files, args)
+    evals = {k: v for k, v in evals.items() if k in files and k.split("/")[0] not in args.no_eval}
     if args.eval_only:
         return 0
     medians = time_variants(variants, args)
     table = fill_rows(rows, medians, evals, next(iter(models)))
-    meta = run_meta(args, models, evals, t_start)
+    meta = run_meta(args, models, evals, files, t_start)
     out = Path(args.out)
     atomic_write_json(out / "deploy_table.json", table)
     atomic_write_json(out / "deploy_run.json", meta)
