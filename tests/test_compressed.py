@@ -302,3 +302,15 @@ def test_int4_embeddings_within_half_a_step_with_the_size_of_the_formula(tmp_pat
     assert bool(((got - original).abs() <= half_step * (1 + 1e-3) + 1e-7).all())
     sizes, _ = _tensor_bytes(tmp_path / "e" / WEIGHTS_FILE)
     assert sizes[f"{name}.values"] + sizes[f"{name}.scale"] == 64 * 32 // 2 + 64 * 2  # vocab 64, hidden 32
+
+
+def test_bf16_bitmask_round_trip_keeps_the_dtype(tmp_path):
+    model = pruned_bert().to(torch.bfloat16)
+    export_pruned_model(model, tmp_path / "plain")
+    export_pruned_model(pruned_bert().to(torch.bfloat16), tmp_path / "packed", format="bitmask")
+    plain, packed = load_pruned_model(tmp_path / "plain"), load_pruned_model(tmp_path / "packed")
+    assert packed.bert.encoder.layer[0].output.dense.weight.dtype == torch.bfloat16
+    for name, tensor in plain.state_dict().items():
+        assert torch.equal(packed.state_dict()[name].view(torch.int16) if tensor.is_floating_point() else
+                           packed.state_dict()[name], tensor.view(torch.int16) if tensor.is_floating_point() else
+                           tensor), name

@@ -167,7 +167,8 @@ def int4_group(cols: int) -> int:
 
 def _encode_weight(name: str, w: torch.Tensor, encoding: str, spec: CompressionSpec, quant: str | None
                    ) -> tuple[dict, dict]:
-    """Tensors (keyed by ``name.<part>``) and the layout entry of one weight (``quant``: None, int8, int4)."""
+    """Tensors (keyed by ``name.<part>``) and the layout entry of one weight (``quant``: None, int8, int4); values
+    that are not quantized keep the weight's dtype (a bf16 model stays bf16)."""
     entry: dict[str, Any] = {"encoding": encoding, "shape": list(w.shape), "dtype": str(w.dtype).split(".")[-1],
                              "quant": quant}
     if quant == "int4":
@@ -236,8 +237,7 @@ def encode_model(model: nn.Module, spec: CompressionSpec) -> tuple[dict[str, tor
             raw.append(name)
             continue
         quant = (spec.embedding_quant or spec.quantize) if name == word else spec.quantize
-        parts, entries[name] = _encode_weight(name, tensor.float() if tensor.is_floating_point() else tensor,
-                                              encoding, spec, quant)
+        parts, entries[name] = _encode_weight(name, tensor, encoding, spec, quant)
         tensors.update(parts)
     settings = {k: v for k, v in asdict(spec).items() if k != "embedding_rows"}  # the rows are in the file
     layout = {"version": LAYOUT_VERSION, **settings, "file": WEIGHTS_FILE, "entries": entries, "raw": raw}
