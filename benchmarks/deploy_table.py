@@ -34,6 +34,7 @@ import argparse  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
 import shlex  # noqa: E402
+import statistics  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
@@ -42,7 +43,6 @@ from typing import Any  # noqa: E402
 
 import torch  # noqa: E402
 
-from prune_trainer.bench import _time_pair  # noqa: E402
 from prune_trainer.export.convert import convert_checkpoint, weight_file_mib  # noqa: E402
 from prune_trainer.export.runtime import OrtTokenClassifier, export_onnx, quantize_onnx_int8, quantize_torch_dynamic  # noqa: E402
 from prune_trainer.export.structured import STRUCTURE_FIELD, load_pruned_model  # noqa: E402
@@ -166,32 +166,56 @@ def evaluate_variants(variants: dict[str, Any], files: dict[str, Path], args: ar
     return cache
 
 
-def time_variants(variants: dict[str, Any], args: argparse.Namespace) -> dict[str, dict[int, float]]:
-    """Median ms per forward of every variant at each batch size, all alternating in one run."""
-    vocab = 1000
-    ids = torch.randint(0, vocab, (max(args.batch_sizes), args.seq_len), generator=torch.Generator().manual_seed(0))
-    medians: dict[str, dict[int, float]] = {k: {} for k in variants}
+def timing_key(variant: str) -> str:
+    """The variant whose forward a variant shares: the INT8 embedding variants load into the same INT8 model as
+    ``pt_int8`` (the word embeddings are decoded into a full fp32 table), so only ``pt_int8`` is timed."""
+    label, kind = variant.split("/", 1)
+    return f"{label}/pt_int8" if kind.startswith("pt_int8") else variant
+
+
+def _time_samples(models: list[Any], batch: dict[str, torch.Tensor], rounds: int, reps: int) -> list[list[float]]:
+    """Seconds of every forward of every model, the models alternating round by round (after one warm-up)."""
+    times: list[list[float]] = [[] for _ in models]
+    with torch.inference_mode():
+        for model in models:
+            model(**batch)
+        for _ in range(rounds):
+            for i, model in enumerate(models):
+                for _ in range(reps):
+                    t0 = time.perf_counter()
+                    model(**batch)
+                    times[i].append(time.perf_counter() - t0)
+    return times
+
+
+def time_variants(variants: dict[str, Any], args: argparse.Namespace) -> dict[str, dict[int, dict[str, float]]]:
+    """Minimum and median ms per forward of every distinct variant at each batch size, all alternating in one
+    run. The minimum is the table's latency: on a shared machine it is the run least slowed by other processes."""
+    timed = {k: m for k, m in variants.items() if timing_key(k) == k}
+    ids = torch.randint(0, 1000, (max(args.batch_sizes), args.seq_len), generator=torch.Generator().manual_seed(0))
     if len(args.reps) not in (1, len(args.batch_sizes)):
         raise ValueError(f"--reps: one value or one per batch size ({args.batch_sizes}), got {args.reps}")
     reps = dict(zip(args.batch_sizes, args.reps * len(args.batch_sizes) if len(args.reps) == 1 else args.reps))
+    out: dict[str, dict[int, dict[str, float]]] = {k: {} for k in timed}
     for batch_size in args.batch_sizes:
         batch = {"input_ids": ids[:batch_size], "attention_mask": torch.ones_like(ids[:batch_size])}
         t0 = time.perf_counter()
-        seconds = _time_pair(list(variants.values()), batch, args.rounds, reps[batch_size])
-        for key, sec in zip(variants, seconds):
-            medians[key][batch_size] = round(sec * 1000, 2)
+        samples = _time_samples(list(timed.values()), batch, args.rounds, reps[batch_size])
+        for key, sec in zip(timed, samples):
+            out[key][batch_size] = {"min": round(min(sec) * 1000, 2), "median": round(statistics.median(sec) * 1000, 2)}
         print(f"timed batch {batch_size} in {time.perf_counter() - t0:.0f} s", flush=True)
-    return medians
+    return out
 
 
 def fill_rows(rows: list[Row], medians: dict, evals: dict, baseline: str) -> list[dict[str, Any]]:
     """The table's rows (the `COLUMNS`), ratios against the baseline model's PyTorch fp32 variant."""
     dense_mib = weight_file_mib(rows[0].file)
-    base = medians[f"{baseline}/pt_fp32"]
+    base = {b: t["min"] for b, t in medians[f"{baseline}/pt_fp32"].items()}
     out = []
     for row in rows:
         mib = weight_file_mib(row.file)
-        lat = medians[row.variant]
+        timing = medians[timing_key(row.variant)]
+        lat = {b: t["min"] for b, t in timing.items()}
         out.append({
             "model": row.model, "format": row.format, "quantize": row.quantize, "embeddings": row.embeddings,
             "runtime": row.runtime, "file_mib": round(mib, 2), "compression_vs_dense": round(dense_mib / mib, 2),
@@ -199,7 +223,8 @@ def fill_rows(rows: list[Row], medians: dict, evals: dict, baseline: str) -> lis
             "speedup_b1": round(base[1] / lat[1], 2) if 1 in lat else None,
             "speedup_b32": round(base[32] / lat[32], 2) if 32 in lat else None,
             "eval_f1": round(evals[row.variant]["f1"], 4) if row.variant in evals else None,
-            "variant": row.variant, "file": str(row.file),
+            "latency_median_ms": {str(b): t["median"] for b, t in timing.items()},
+            "timed_as": timing_key(row.variant), "variant": row.variant, "file": str(row.file),
         })
     return out
 
@@ -209,8 +234,9 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     cols = [c for c in COLUMNS if c != "model"]
     lines = [f"Measured {meta['threads']} threads (OMP_WAIT_POLICY={meta['omp_wait_policy']}, ORT without spinning), "
              f"seq {meta['seq_len']}, batch sizes {meta['batch_sizes']}, {meta['rounds']} rounds × {meta['reps']} "
-             f"forwards per variant (per batch size), all variants "
-             f"alternating in one run; F1 on {meta['eval_sentences']} validation sentences. Device: {meta['device']}. "
+             f"forwards per variant (per batch size), all variants alternating in one run; latency = the minimum "
+             f"(medians in the JSON), INT8-embedding variants timed as their INT8 model; F1 on "
+             f"{meta['eval_sentences']} validation sentences. Device: {meta['device']}. "
              f"Commit `{meta['git_commit']}`.", "",
              "| model | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for r in rows:
