@@ -189,8 +189,8 @@ def _time_samples(models: list[Any], batch: dict[str, torch.Tensor], rounds: int
 
 
 def time_variants(variants: dict[str, Any], args: argparse.Namespace) -> dict[str, dict[int, dict[str, float]]]:
-    """Minimum and median ms per forward of every distinct variant at each batch size, all alternating in one
-    run. The minimum is the table's latency: on a shared machine it is the run least slowed by other processes."""
+    """Median and minimum ms per forward of every distinct variant at each batch size, all alternating in one
+    run. The median is the table's latency (as `prune-trainer bench`); the minimum is kept in the JSON."""
     timed = {k: m for k, m in variants.items() if timing_key(k) == k}
     ids = torch.randint(0, 1000, (max(args.batch_sizes), args.seq_len), generator=torch.Generator().manual_seed(0))
     if len(args.reps) not in (1, len(args.batch_sizes)):
@@ -210,12 +210,12 @@ def time_variants(variants: dict[str, Any], args: argparse.Namespace) -> dict[st
 def fill_rows(rows: list[Row], medians: dict, evals: dict, baseline: str) -> list[dict[str, Any]]:
     """The table's rows (the `COLUMNS`), ratios against the baseline model's PyTorch fp32 variant."""
     dense_mib = weight_file_mib(rows[0].file)
-    base = {b: t["min"] for b, t in medians[f"{baseline}/pt_fp32"].items()}
+    base = {b: t["median"] for b, t in medians[f"{baseline}/pt_fp32"].items()}
     out = []
     for row in rows:
         mib = weight_file_mib(row.file)
         timing = medians[timing_key(row.variant)]
-        lat = {b: t["min"] for b, t in timing.items()}
+        lat = {b: t["median"] for b, t in timing.items()}
         out.append({
             "model": row.model, "format": row.format, "quantize": row.quantize, "embeddings": row.embeddings,
             "runtime": row.runtime, "file_mib": round(mib, 2), "compression_vs_dense": round(dense_mib / mib, 2),
@@ -223,7 +223,7 @@ def fill_rows(rows: list[Row], medians: dict, evals: dict, baseline: str) -> lis
             "speedup_b1": round(base[1] / lat[1], 2) if 1 in lat else None,
             "speedup_b32": round(base[32] / lat[32], 2) if 32 in lat else None,
             "eval_f1": round(evals[row.variant]["f1"], 4) if row.variant in evals else None,
-            "latency_median_ms": {str(b): t["median"] for b, t in timing.items()},
+            "latency_min_ms": {str(b): t["min"] for b, t in timing.items()},
             "timed_as": timing_key(row.variant), "variant": row.variant, "file": str(row.file),
         })
     return out
@@ -234,8 +234,8 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     cols = [c for c in COLUMNS if c != "model"]
     lines = [f"Measured {meta['threads']} threads (OMP_WAIT_POLICY={meta['omp_wait_policy']}, ORT without spinning), "
              f"seq {meta['seq_len']}, batch sizes {meta['batch_sizes']}, {meta['rounds']} rounds × {meta['reps']} "
-             f"forwards per variant (per batch size), all variants alternating in one run; latency = the minimum "
-             f"(medians in the JSON), INT8-embedding variants timed as their INT8 model; F1 on "
+             f"forwards per variant (per batch size), all variants alternating in one run; latency = the median "
+             f"(minimums in the JSON), INT8-embedding variants timed as their INT8 model; F1 on "
              f"{meta['eval_sentences']} validation sentences. Device: {meta['device']}. "
              f"Commit `{meta['git_commit']}`.", "",
              "| model | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
