@@ -26,7 +26,16 @@ from prune_trainer.callbacks import (
 )
 from prune_trainer.config import PruningConfig
 from prune_trainer.data import load_conll_splits, make_compute_metrics, tokenize_and_align
-from prune_trainer.export import export_pruned_model, export_structured_model, load_pruned_model, sparsity_report
+from prune_trainer.export import (
+    OrtTokenClassifier,
+    convert_checkpoint,
+    export_onnx,
+    export_pruned_model,
+    export_structured_model,
+    load_pruned_model,
+    quantize_onnx_int8,
+    sparsity_report,
+)
 from prune_trainer.families import MODEL_FAMILIES, ModelFamily
 from prune_trainer.masking import (
     MaskedConv1D,
@@ -59,6 +68,8 @@ __all__ = [
     "MaskedLinear", "MaskedConv1D", "inject_masked_layers", "unwrap_masked_layers", "find_target_linears",
     "export_pruned_model", "sparsity_report",
     "export_structured_model", "load_pruned_model", "find_structures",
+    # deployment: compressed checkpoints, ONNX Runtime
+    "convert_checkpoint", "export_onnx", "quantize_onnx_int8", "OrtTokenClassifier",
     # one-shot pruning
     "OneShotConfig", "run_oneshot",
     # model families and tasks

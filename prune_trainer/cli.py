@@ -1,4 +1,5 @@
-"""Command line: ``python -m prune_trainer run recipes/<name>.yaml [--set key=value ...]`` and ``oneshot``."""
+"""Command line: ``python -m prune_trainer run recipes/<name>.yaml [--set key=value ...]``, ``oneshot``,
+``bench``, ``export`` (compressed checkpoints) and ``onnx``."""
 
 from __future__ import annotations
 
@@ -40,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(func=_run)
     _add_oneshot_parser(sub)
     _add_bench_parser(sub)
+    _add_export_parsers(sub)
     return parser
 
 
@@ -122,6 +124,82 @@ def _add_oneshot_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
     p.add_argument("--device", default="auto", help="auto (CUDA when available) | cpu | cuda | cuda:N")
     p.set_defaults(func=_oneshot)
+
+
+def _export(args: argparse.Namespace) -> int:
+    from prune_trainer.export.convert import convert_checkpoint
+
+    quantize = None if args.quantize == "none" else args.quantize
+    rows = None
+    if args.trim_vocab:
+        from transformers import AutoTokenizer
+
+        from prune_trainer.data import load_conll_splits, used_token_ids
+
+        train = load_conll_splits(args.data_dir)["train"]
+        rows = used_token_ids(train, AutoTokenizer.from_pretrained(args.model_dir))
+    report = convert_checkpoint(args.model_dir, args.output_dir, args.format, quantize, args.pattern,
+                                args.embedding_rank, rows, args.embedding_quant)
+    print(f"{args.output_dir}: format={args.format} quantize={args.quantize} "
+          f"sparsity={report['global_sparsity']:.4f} weights {report['src_mib']:.2f} MiB -> {report['dst_mib']:.2f} "
+          f"MiB ({report['src_mib'] / report['dst_mib']:.1f}x smaller)")
+    return 0
+
+
+def _onnx(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from prune_trainer.export.runtime import OrtTokenClassifier, export_onnx, quantize_onnx_int8
+    from prune_trainer.export.structured import load_pruned_model
+
+    out = Path(args.output)
+    if args.quantize == "int8":
+        fp32 = export_onnx(load_pruned_model(args.model_dir), out.with_name(out.stem + ".fp32.onnx"))
+        try:
+            quantize_onnx_int8(fp32, out)
+        finally:
+            fp32.unlink(missing_ok=True)
+    else:
+        export_onnx(load_pruned_model(args.model_dir), out)
+    summary = {"onnx": str(out), "mib": round(out.stat().st_size / 2**20, 3), "quantize": args.quantize}
+    if args.eval:
+        from transformers import AutoTokenizer
+
+        from prune_trainer.data import load_conll_splits
+        from prune_trainer.oneshot.evaluation import evaluate_f1
+
+        sentences = load_conll_splits(args.data_dir)["validation"]
+        scores = evaluate_f1(OrtTokenClassifier(out, args.threads), AutoTokenizer.from_pretrained(args.model_dir),
+                             sentences)
+        summary["eval_f1"] = round(scores["f1"], 4)
+    print(json.dumps(summary))
+    return 0
+
+
+def _add_export_parsers(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="re-save a model folder compressed: bitmask / N:M sparse, INT8 weights")
+    p.add_argument("model_dir", help="a model folder (plain, structured or compressed export)")
+    p.add_argument("output_dir", help="the new folder (written atomically)")
+    p.add_argument("--format", default="bitmask", choices=["dense", "bitmask", "nm"])
+    p.add_argument("--quantize", default="none", choices=["none", "int8"],
+                   help="int8: per-output-channel symmetric INT8 Linear and embedding weights")
+    p.add_argument("--pattern", help="N:M pattern for --format nm (default: the model's, else 2:4)")
+    p.add_argument("--embedding-rank", type=int, help="store the word embeddings as rank-r SVD factors (lossy)")
+    p.add_argument("--embedding-quant", choices=["int8", "int4"],
+                   help="quantize the word embeddings (default: as --quantize); int4: groups of 128, fp16 scales")
+    p.add_argument("--trim-vocab", action="store_true",
+                   help="keep only the word-embedding rows of tokens in the training split (others load as [UNK])")
+    p.add_argument("--data-dir", help="CoNLL-2003 directory for --trim-vocab (default: $PRUNE_TRAINER_CONLL_DIR)")
+    p.set_defaults(func=_export)
+    o = sub.add_parser("onnx", help="export a model folder to ONNX (optionally ONNX Runtime dynamic INT8)")
+    o.add_argument("model_dir", help="a model folder (plain, structured or compressed export)")
+    o.add_argument("output", help="the .onnx file to write")
+    o.add_argument("--quantize", default="none", choices=["none", "int8"], help="int8: ORT dynamic quantization")
+    o.add_argument("--eval", action="store_true", help="validation F1 through ONNX Runtime")
+    o.add_argument("--data-dir", help="CoNLL-2003 directory (default: $PRUNE_TRAINER_CONLL_DIR, else the hub)")
+    o.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads for --eval (default 2)")
+    o.set_defaults(func=_onnx)
 
 
 def main(argv: list[str] | None = None) -> int:

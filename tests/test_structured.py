@@ -214,10 +214,13 @@ def test_llama_masked_equals_sliced_through_the_callback(tmp_path):
     assert attn.o_proj.weight.shape == (32, 16) and reloaded.model.layers[1].mlp.down_proj.weight.shape == (32, 32)
 
 
-def test_load_pruned_model_refuses_a_plain_checkpoint(tmp_path):
-    tiny_bert().save_pretrained(tmp_path / "plain")
-    with pytest.raises(ValueError, match="prune_trainer_structure"):
-        load_pruned_model(tmp_path / "plain")
+def test_load_pruned_model_loads_a_plain_checkpoint_unsliced(tmp_path):
+    model = tiny_bert().eval()
+    model.save_pretrained(tmp_path / "plain")
+    reloaded = load_pruned_model(tmp_path / "plain")
+    assert type(reloaded) is type(model) and not reloaded.training
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(reloaded.state_dict()[name], tensor), name
 
 
 @pytest.mark.parametrize("score", ["magnitude", "taylor", "fisher"])

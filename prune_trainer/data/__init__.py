@@ -16,7 +16,7 @@ from prune_trainer.data.metrics import (
     preprocess_logits_for_metrics,
     stitch_windows,
 )
-from prune_trainer.data.tokenize import IGNORE_INDEX, tokenize_and_align, window_sentences
+from prune_trainer.data.tokenize import IGNORE_INDEX, tokenize_and_align, used_token_ids, window_sentences
 
 __all__ = [
     "CONLL_LABELS",
@@ -33,5 +33,6 @@ __all__ = [
     "resolve_data_dir",
     "stitch_windows",
     "tokenize_and_align",
+    "used_token_ids",
     "window_sentences",
 ]

@@ -86,3 +86,11 @@ def window_sentences(
         windows.append(Sentence(sent.tokens[start:], sent.tags[start:]))
         groups.append(i)
     return windows, groups
+
+
+def used_token_ids(sentences: list[Sentence], tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """Sorted ids of every sub-token the tokenizer produces for ``sentences``, plus its special tokens (the task's
+    vocabulary, e.g. to trim the word embeddings to the rows a task uses)."""
+    batch = tokenizer([s.tokens for s in sentences], is_split_into_words=True, truncation=False)
+    used = {int(i) for ids in batch["input_ids"] for i in ids}
+    return sorted(used | {int(i) for i in tokenizer.all_special_ids})

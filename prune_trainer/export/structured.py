@@ -21,6 +21,8 @@ from safetensors.torch import load_file
 from torch import nn
 from transformers.initialization import no_init_weights
 
+from prune_trainer.export.compressed import CompressionSpec, is_compressed_dir, read_compressed
+from prune_trainer.export.export import canonicalize_zeros, encode_for_export, save_model_weights
 from prune_trainer.export.sublayers import REMOVERS
 from prune_trainer.io import atomic_dir
 from prune_trainer.masking.inject import _set_submodule, unwrap_masked_layers
@@ -90,15 +92,25 @@ def _set_size_attributes(model: nn.Module, structures: ModelStructures, kind: st
             setattr(model.get_submodule(prefix), arch.ffn_size_attr, neurons)
 
 
-def export_structured_model(model: nn.Module, path: str | os.PathLike, tokenizer: Any = None) -> dict[str, list[int]]:
+def export_structured_model(
+    model: nn.Module,
+    path: str | os.PathLike,
+    tokenizer: Any = None,
+    format: str = "dense",
+    quantize: str | None = None,
+    embedding_rank: int | None = None,
+) -> dict[str, list[int]]:
     """Slice the removed heads and FFN neurons out of ``model`` (in place: masks baked in, then smaller Linears),
     save it with ``config.json`` recording the kept sizes (``prune_trainer_structure``) and the tokenizer, into a
     folder that is complete or absent (`atomic_dir`). Returns the kept sizes ``{"heads": [...], "ffn": [...]}``.
+    ``format``/``quantize``/``embedding_rank`` as in `export_pruned_model` (e.g. ``quantize="int8"``).
 
     A group is removed when all its coupled weights are zero. A layer with no group left of a kind loses that
     sublayer (recorded as size 0; `prune_trainer.export.sublayers`): the same function, without computing it.
     """
+    spec = CompressionSpec(format=format, quantize=quantize, embedding_rank=embedding_rank)
     unwrap_masked_layers(model)
+    canonicalize_zeros(model)
     structures = find_structures(model)
     keep = {}
     for kind, groups in structures.groups.items():
@@ -107,8 +119,9 @@ def export_structured_model(model: nn.Module, path: str | os.PathLike, tokenizer
     sizes = slice_model(model, structures, keep)
     uniform = _express_uniform(model.config, structures.head_dim, structures.queries_per_group, sizes)
     setattr(model.config, STRUCTURE_FIELD, {**sizes, "uniform": uniform})
+    encoded = encode_for_export(model, spec)
     with atomic_dir(Path(path)) as tmp:
-        model.save_pretrained(tmp)
+        save_model_weights(model, tmp, encoded)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
     return sizes
@@ -162,6 +175,8 @@ def _model_class(config: transformers.PretrainedConfig) -> type[transformers.Pre
 
 
 def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+    if is_compressed_dir(path):
+        return read_compressed(path)
     single = path / "model.safetensors"
     if single.is_file():
         return load_file(single)
@@ -178,13 +193,15 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
 def load_pruned_model(
     path: str | os.PathLike, model_class: type[transformers.PreTrainedModel] | None = None
 ) -> transformers.PreTrainedModel:
-    """Load a folder written by `export_structured_model`: the standard class of ``config.architectures`` (or
-    ``model_class``) built from ``config.json``, sliced to the recorded sizes, then given the safetensors weights
-    (no pickle, no code from the checkpoint), in the saved floating dtype. Returns the model in eval mode.
+    """Load a folder written by `export_pruned_model` or `export_structured_model`, plain or compressed
+    (``compression.json``: bitmask / N:M / INT8, decoded to float): the standard class of
+    ``config.architectures`` (or ``model_class``) built from ``config.json``, sliced to the recorded sizes when the
+    config has ``prune_trainer_structure``, then given the safetensors weights (no pickle, no code from the
+    checkpoint), in the saved floating dtype. Returns the model in eval mode.
 
     Raises:
-        ValueError: no ``prune_trainer_structure`` in the config, sizes that do not fit the model, or weights that
-            do not match the sliced modules.
+        ValueError: sizes that do not fit the model, weights that do not match the (sliced) modules, or a
+            truncated/corrupt compressed file.
     """
     return _load_weights(build_pruned_model(path, model_class), Path(path))
 
@@ -194,26 +211,23 @@ def build_pruned_model(
     model_class: type[transformers.PreTrainedModel] | None = None,
     init_weights: bool = False,
 ) -> transformers.PreTrainedModel:
-    """The architecture of a structured export, without its weights: the class of ``config.architectures`` (or
-    ``model_class``) sliced to the sizes recorded in ``config.json``. ``init_weights=False`` leaves the tensors
+    """The architecture of an export, without its weights: the class of ``config.architectures`` (or
+    ``model_class``), sliced to the sizes recorded in ``config.json`` when it has ``prune_trainer_structure``
+    (an unstructured export builds the plain class). ``init_weights=False`` leaves the tensors
     uninitialised (`load_pruned_model` overwrites them all); ``True`` gives the class's random init, e.g. to time
     the architecture (`prune_trainer.bench`). Reads only ``config.json``.
 
     Raises:
-        ValueError: no ``prune_trainer_structure`` in the config, or sizes that do not fit the model.
+        ValueError: sizes that do not fit the model.
     """
     path = Path(path)
     config = transformers.AutoConfig.from_pretrained(path, trust_remote_code=False)
     recorded = getattr(config, STRUCTURE_FIELD, None)
-    if not isinstance(recorded, dict):
-        raise ValueError(
-            f"{path}/config.json has no {STRUCTURE_FIELD} field: it was not written by export_structured_model"
-        )
     cls = model_class or _model_class(config)
     init = contextlib.nullcontext() if init_weights else no_init_weights()
     with init:
         model = cls(config)
-    if recorded.get("uniform"):  # the config already states the kept sizes: build them, do not slice again
+    if not isinstance(recorded, dict) or recorded.get("uniform"):  # unsliced, or the config states the kept sizes
         return model
     structures = find_structures(model, [k for k in ("heads", "ffn") if k in recorded])
     keep = {}

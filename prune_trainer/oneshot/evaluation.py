@@ -21,7 +21,7 @@ from prune_trainer.data.tokenize import IGNORE_INDEX
 
 @torch.no_grad()
 def evaluate_f1(
-    model: nn.Module,
+    model: nn.Module | Any,
     tokenizer: Any,
     sentences: list[Sentence],
     batch_size: int = 64,
@@ -29,7 +29,8 @@ def evaluate_f1(
     labels: tuple[str, ...] = CONLL_LABELS,
 ) -> dict[str, float]:
     """``precision``/``recall``/``f1``/``accuracy`` (seqeval, as `make_compute_metrics`) over all
-    ``sentences``; batches are formed from length-sorted sentences to cut padding. Sentences longer than
+    ``sentences`` (``model``: any callable answering ``model(**batch).logits``, e.g. an `OrtTokenClassifier`);
+    batches are formed from length-sorted sentences to cut padding. Sentences longer than
     ``max_length`` sub-tokens are scored in windows (`window_sentences`), stitched back before seqeval."""
     if not sentences:
         raise ValueError("evaluate_f1 got no sentences")
@@ -38,7 +39,7 @@ def evaluate_f1(
     order = np.argsort([len(ids) for ids in ds["input_ids"]], kind="stable")
     collator = DataCollatorForTokenClassification(tokenizer)
     model.eval()
-    device = next(model.parameters()).device
+    device = getattr(model, "device", None) or next(model.parameters()).device  # a runtime session: its device
     true_tags: list[list[str]] = [[] for _ in order]
     pred_tags: list[list[str]] = [[] for _ in order]
     for i in range(0, len(order), batch_size):
