@@ -3,6 +3,8 @@
 from prune_trainer.callbacks import (
     DistillationCallback,
     FiniteCheckCallback,
+    FixedMaskCallback,
+    FixedMaskOptions,
     MagnitudeOptions,
     MagnitudePruningCallback,
     MethodNeeds,
@@ -31,6 +33,7 @@ from prune_trainer.masking import MaskedLinear, inject_masked_layers, unwrap_mas
 from prune_trainer.models import load_model_and_tokenizer
 from prune_trainer.oneshot.runner import OneShotConfig, run_oneshot
 from prune_trainer.options import Options
+from prune_trainer.recipes.lottery import LotteryConfig, run_lottery
 from prune_trainer.schedules import PruningSchedule
 from prune_trainer.structures import find_structures
 
@@ -42,7 +45,7 @@ __all__ = [
     "MagnitudePruningCallback", "MagnitudeOptions", "MovementPruningCallback", "MovementOptions",
     "OBERTPruningCallback", "OBERTOptions", "NMSparsityCallback", "NMOptions",
     "TaylorPruningCallback", "TaylorOptions", "StructuredPruningCallback", "StructuredOptions",
-    "StructuredMovementCallback", "StructuredMovementOptions",
+    "StructuredMovementCallback", "StructuredMovementOptions", "FixedMaskCallback", "FixedMaskOptions",
     # other callbacks
     "DistillationCallback", "FiniteCheckCallback", "SparsityLoggingCallback",
     # configuration
@@ -52,6 +55,8 @@ __all__ = [
     "export_structured_model", "load_pruned_model", "find_structures",
     # one-shot pruning
     "OneShotConfig", "run_oneshot",
+    # lottery tickets (iterative magnitude pruning with rewinding)
+    "LotteryConfig", "run_lottery",
     # models and data
     "load_model_and_tokenizer", "load_conll_splits", "tokenize_and_align", "make_compute_metrics",
 ]
