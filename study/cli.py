@@ -1,6 +1,6 @@
 """``python -m study``: ``reproduce`` (the whole study, ``study/plan.yaml``), ``report`` (``results/README.md``
 and ``results/index.{md,json}``) and the one-shot grid commands (``oneshot-grid``, ``oneshot-table``,
-``oneshot-samples``)."""
+``oneshot-samples``) and ``lottery-report``."""
 
 from __future__ import annotations
 
@@ -24,6 +24,13 @@ def _report(args: argparse.Namespace) -> int:
     from study.report import write_report
 
     print(f"wrote {write_report(args.results_dir)}")
+    return 0
+
+
+def _lottery_report(args: argparse.Namespace) -> int:
+    from study.lottery_report import write_lottery_report
+
+    print(f"wrote {write_lottery_report(args.results_dir)}")
     return 0
 
 
@@ -51,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     report = sub.add_parser("report", help="write <results>/README.md, index.md, index.json and plots")
     report.add_argument("results_dir", nargs="?", default="results")
     report.set_defaults(func=_report)
+    lottery = sub.add_parser("lottery-report", help="write the lottery ticket table, JSON and plot of a folder")
+    lottery.add_argument("results_dir", nargs="?", default="results/lottery")
+    lottery.set_defaults(func=_lottery_report)
     add_oneshot_parsers(sub)
     return parser
 

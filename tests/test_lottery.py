@@ -246,3 +246,32 @@ def test_random_masks_keep_each_layers_count():
     rand = random_masks_like(masks, seed=1)
     assert {n: int(m.sum()) for n, m in rand.items()} == {n: int(m.sum()) for n, m in masks.items()}
     assert LotteryConfig(rewind="step:12").rewind_step == 12
+
+
+def test_lottery_report_tables_the_rounds_controls_and_seeds(tmp_path):
+    from study.lottery_report import write_lottery_report
+
+    def summary(rounds, f1s):
+        return {"budget": {"train_steps_per_round": 6, "max_train_samples": 64,
+                           "training": {"num_train_epochs": 1, "per_device_train_batch_size": 8}},
+                "rate": 0.5, "rewind": "pretrained", "scope": "global",
+                "rounds": [{"round": r, "sparsity": 1 - 0.5 ** r, "eval_f1": f} for r, f in zip(rounds, f1s)]}
+
+    def metrics(folder, f1, sparsity=0.0):
+        folder.mkdir(parents=True)
+        (folder / "metrics.json").write_text(json.dumps({"eval_f1": f1, "sparsity": sparsity, "git_commit": "x",
+                                                         "train_steps": 6}))
+
+    (tmp_path / "imp" / "control_random-mask").mkdir(parents=True)
+    (tmp_path / "imp" / "summary.json").write_text(json.dumps(summary([0, 1, 2], [0.80, 0.79, 0.70])))
+    (tmp_path / "imp" / "control_random-mask" / "summary.json").write_text(json.dumps(summary([1, 2], [0.6, 0.5])))
+    metrics(tmp_path / "dense_seed43", 0.78)
+    metrics(tmp_path / "dense_seed44", 0.82)  # dense: 0.80 ± 0.02
+    metrics(tmp_path / "imp_round_1_seed43", 0.77)
+    metrics(tmp_path / "imp_round_1_seed44", 0.75)  # ticket round 1: 0.77 ± 0.02, below 0.78
+    metrics(tmp_path / "gmp_0.75", 0.72, sparsity=0.75)
+    readme = write_lottery_report(tmp_path).read_text()
+    assert "Dense: 0.8000 ± 0.0200 (3 seeds)" in readme
+    assert "| 1 | 0.5000 | 0.7900 | 0.7700 ± 0.0200 (n=3) | – | 0.6000 | – | no |" in readme
+    assert "| 2 | 0.7500 | 0.7000 | – | – | 0.5000 | 0.7200 | no (1 seed) |" in readme
+    assert (tmp_path / "f1_vs_sparsity.png").stat().st_size > 1000
