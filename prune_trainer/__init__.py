@@ -3,6 +3,8 @@
 from prune_trainer.callbacks import (
     DistillationCallback,
     FiniteCheckCallback,
+    FixedMaskCallback,
+    FixedMaskOptions,
     MagnitudeOptions,
     MagnitudePruningCallback,
     MethodNeeds,
@@ -47,6 +49,7 @@ from prune_trainer.masking import (
 from prune_trainer.models import load_model_and_tokenizer
 from prune_trainer.oneshot.runner import OneShotConfig, run_oneshot
 from prune_trainer.options import Options
+from prune_trainer.recipes.lottery import LotteryConfig, run_lottery
 from prune_trainer.schedules import PruningSchedule
 from prune_trainer.structures import find_structures
 from prune_trainer.tasks import TASKS, load_model_for_task
@@ -59,7 +62,7 @@ __all__ = [
     "MagnitudePruningCallback", "MagnitudeOptions", "MovementPruningCallback", "MovementOptions",
     "OBERTPruningCallback", "OBERTOptions", "NMSparsityCallback", "NMOptions",
     "TaylorPruningCallback", "TaylorOptions", "StructuredPruningCallback", "StructuredOptions",
-    "StructuredMovementCallback", "StructuredMovementOptions",
+    "StructuredMovementCallback", "StructuredMovementOptions", "FixedMaskCallback", "FixedMaskOptions",
     # other callbacks
     "DistillationCallback", "FiniteCheckCallback", "SparsityLoggingCallback",
     # configuration
@@ -74,6 +77,8 @@ __all__ = [
     "OneShotConfig", "run_oneshot",
     # model families and tasks
     "MODEL_FAMILIES", "ModelFamily", "TASKS", "load_model_for_task",
+    # lottery tickets (iterative magnitude pruning with rewinding)
+    "LotteryConfig", "run_lottery",
     # models and data
     "load_model_and_tokenizer", "load_conll_splits", "tokenize_and_align", "make_compute_metrics",
 ]

@@ -1,5 +1,5 @@
 """Command line: ``python -m prune_trainer run recipes/<name>.yaml [--set key=value ...]``, ``oneshot``,
-``bench``, ``export`` (compressed checkpoints) and ``onnx``."""
+``bench``, ``export`` (compressed checkpoints), ``onnx`` and ``lottery``."""
 
 from __future__ import annotations
 
@@ -42,7 +42,44 @@ def build_parser() -> argparse.ArgumentParser:
     _add_oneshot_parser(sub)
     _add_bench_parser(sub)
     _add_export_parsers(sub)
+    _add_lottery_parser(sub)
     return parser
+
+
+def _lottery(args: argparse.Namespace) -> int:
+    from prune_trainer.recipes.lottery import LotteryConfig, run_lottery
+    from prune_trainer.recipes.runner import load_recipe
+
+    config = LotteryConfig(rounds=args.rounds, rate=args.rate, rewind=args.rewind, scope=args.scope,
+                           control=args.control, seed=args.seed)  # checked before the recipe is read
+    recipe = load_recipe(
+        args.recipe, args.set, model=args.model, name=args.name, output_dir=args.output_dir, data_dir=args.data_dir,
+        max_steps=args.max_steps,
+    )
+    summary = run_lottery(recipe, config, results_root=args.results_dir)
+    for row in summary["rounds"]:
+        print(f"{summary['name']} {summary['control']} round {row['round']}: eval_f1={row['eval_f1']:.4f} "
+              f"sparsity={row['sparsity']:.4f}")
+    return 0
+
+
+def _add_lottery_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("lottery", help="lottery tickets: iterative magnitude pruning with rewinding (and controls)")
+    p.add_argument("recipe", help="recipe YAML of one round's training (its pruning block is ignored but targets)")
+    p.add_argument("--rounds", type=int, default=3, help="pruning rounds after the dense round 0 (default 3)")
+    p.add_argument("--rate", type=float, default=0.2, help="fraction of the remaining weights pruned per round")
+    p.add_argument("--rewind", default="pretrained", help="pretrained | step:K (weights after K steps of round 0)")
+    p.add_argument("--scope", default="global", help="global | layer (magnitude ranking scope)")
+    p.add_argument("--control", default="none", help="none | random-reinit | random-mask (after the lottery)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the controls' random masks / re-initialisation")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a recipe key (repeatable)")
+    p.add_argument("--data-dir", help="CoNLL-2003 directory (default: $PRUNE_TRAINER_CONLL_DIR, else the hub)")
+    p.add_argument("--model", help="HF model id or path (default: the recipe's)")
+    p.add_argument("--max-steps", type=int, help="optimizer steps per round")
+    p.add_argument("--name", help="run name (default: the recipe's)")
+    p.add_argument("--output-dir", help="where results go (default: <results-dir>/<name>)")
+    p.add_argument("--results-dir", default="results", help="root of results (default: results)")
+    p.set_defaults(func=_lottery)
 
 
 def _bench(args: argparse.Namespace) -> int:

@@ -1,6 +1,6 @@
 """``python -m study``: ``reproduce`` (the whole study, ``study/plan.yaml``), ``report`` (``results/README.md``
 and ``results/index.{md,json}``), the one-shot grid commands (``oneshot-grid``, ``oneshot-table``,
-``oneshot-samples``) and ``bench-runs`` (speed-ups of finished runs' exports)."""
+``oneshot-samples``), ``bench-runs`` (speed-ups of finished runs' exports) and ``lottery-report``."""
 
 from __future__ import annotations
 
@@ -28,6 +28,13 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _lottery_report(args: argparse.Namespace) -> int:
+    from study.lottery_report import write_lottery_report
+
+    print(f"wrote {write_lottery_report(args.results_dir)}")
+    return 0
+
+
 def _add_reproduce_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "reproduce",
@@ -52,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     report = sub.add_parser("report", help="write <results>/README.md, index.md, index.json and plots")
     report.add_argument("results_dir", nargs="?", default="results")
     report.set_defaults(func=_report)
+    lottery = sub.add_parser("lottery-report", help="write the lottery ticket table, JSON and plot of a folder")
+    lottery.add_argument("results_dir", nargs="?", default="results/lottery")
+    lottery.set_defaults(func=_lottery_report)
     add_oneshot_parsers(sub)
     add_bench_runs_parser(sub)
     return parser

@@ -3,6 +3,7 @@
 from prune_trainer.callbacks.base import MethodNeeds, PruningCallback, PruningContext
 from prune_trainer.callbacks.distillation import DistillationCallback
 from prune_trainer.callbacks.finite import FiniteCheckCallback
+from prune_trainer.callbacks.fixed_mask import FixedMaskCallback, FixedMaskOptions
 from prune_trainer.callbacks.magnitude import MagnitudeOptions, MagnitudePruningCallback
 from prune_trainer.callbacks.movement import MovementOptions, MovementPruningCallback
 from prune_trainer.callbacks.nm import NMOptions, NMSparsityCallback
@@ -23,6 +24,8 @@ __all__ = [
     "PRUNING_CALLBACKS",
     "DistillationCallback",
     "FiniteCheckCallback",
+    "FixedMaskCallback",
+    "FixedMaskOptions",
     "MagnitudeOptions",
     "MagnitudePruningCallback",
     "MethodNeeds",

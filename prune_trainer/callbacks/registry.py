@@ -21,6 +21,7 @@ PRUNING_CALLBACKS: dict[str, type[PruningCallback]] = {}
 def _register_builtins() -> None:
     if PRUNING_CALLBACKS:
         return
+    from prune_trainer.callbacks.fixed_mask import FixedMaskCallback
     from prune_trainer.callbacks.magnitude import MagnitudePruningCallback
     from prune_trainer.callbacks.movement import MovementPruningCallback
     from prune_trainer.callbacks.nm import NMSparsityCallback
@@ -31,7 +32,7 @@ def _register_builtins() -> None:
 
     for cls in (
         MagnitudePruningCallback, MovementPruningCallback, NMSparsityCallback, OBERTPruningCallback,
-        TaylorPruningCallback, StructuredPruningCallback, StructuredMovementCallback,
+        TaylorPruningCallback, StructuredPruningCallback, StructuredMovementCallback, FixedMaskCallback,
     ):
         PRUNING_CALLBACKS[cls.method_name] = cls
 
