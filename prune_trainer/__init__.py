@@ -26,7 +26,15 @@ from prune_trainer.callbacks import (
 )
 from prune_trainer.config import PruningConfig
 from prune_trainer.data import load_conll_splits, make_compute_metrics, tokenize_and_align
+from prune_trainer.data.text import calibration_windows, load_text, tokenize_text
 from prune_trainer.export import export_pruned_model, export_structured_model, load_pruned_model, sparsity_report
+from prune_trainer.llm import (
+    PerplexityResult,
+    load_causal_lm,
+    mask_lora_updates,
+    merge_lora_keep_mask,
+    perplexity,
+)
 from prune_trainer.masking import MaskedLinear, inject_masked_layers, unwrap_masked_layers
 from prune_trainer.models import load_model_and_tokenizer
 from prune_trainer.oneshot.runner import OneShotConfig, run_oneshot
@@ -54,4 +62,7 @@ __all__ = [
     "OneShotConfig", "run_oneshot",
     # models and data
     "load_model_and_tokenizer", "load_conll_splits", "tokenize_and_align", "make_compute_metrics",
+    # causal language models: loading, text, perplexity, LoRA
+    "load_causal_lm", "load_text", "tokenize_text", "calibration_windows", "perplexity", "PerplexityResult",
+    "merge_lora_keep_mask", "mask_lora_updates",
 ]
