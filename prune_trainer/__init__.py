@@ -28,6 +28,7 @@ from prune_trainer.config import PruningConfig
 from prune_trainer.data import load_conll_splits, make_compute_metrics, tokenize_and_align
 from prune_trainer.data.text import calibration_windows, load_text, tokenize_text
 from prune_trainer.export import export_pruned_model, export_structured_model, load_pruned_model, sparsity_report
+from prune_trainer.families import MODEL_FAMILIES, ModelFamily
 from prune_trainer.llm import (
     PerplexityResult,
     load_causal_lm,
@@ -35,12 +36,19 @@ from prune_trainer.llm import (
     merge_lora_keep_mask,
     perplexity,
 )
-from prune_trainer.masking import MaskedLinear, inject_masked_layers, unwrap_masked_layers
+from prune_trainer.masking import (
+    MaskedConv1D,
+    MaskedLinear,
+    find_target_linears,
+    inject_masked_layers,
+    unwrap_masked_layers,
+)
 from prune_trainer.models import load_model_and_tokenizer
 from prune_trainer.oneshot.runner import OneShotConfig, run_oneshot
 from prune_trainer.options import Options
 from prune_trainer.schedules import PruningSchedule
 from prune_trainer.structures import find_structures
+from prune_trainer.tasks import TASKS, load_model_for_task
 
 __version__ = "0.1.0"
 
@@ -56,10 +64,13 @@ __all__ = [
     # configuration
     "Options", "PruningConfig", "PruningSchedule",
     # masking and export
-    "MaskedLinear", "inject_masked_layers", "unwrap_masked_layers", "export_pruned_model", "sparsity_report",
+    "MaskedLinear", "MaskedConv1D", "inject_masked_layers", "unwrap_masked_layers", "find_target_linears",
+    "export_pruned_model", "sparsity_report",
     "export_structured_model", "load_pruned_model", "find_structures",
     # one-shot pruning
     "OneShotConfig", "run_oneshot",
+    # model families and tasks
+    "MODEL_FAMILIES", "ModelFamily", "TASKS", "load_model_for_task",
     # models and data
     "load_model_and_tokenizer", "load_conll_splits", "tokenize_and_align", "make_compute_metrics",
     # causal language models: loading, text, perplexity, LoRA

@@ -85,18 +85,26 @@ def _oneshot(args: argparse.Namespace) -> int:
         model=args.model, method=args.method, sparsity=args.sparsity, pattern=args.pattern, owl=args.owl,
         owl_m=args.owl_m, owl_lambda=args.owl_lambda, calib_samples=args.calib_samples, seed=args.seed,
         pruned_inputs=not args.dense_inputs, data_dir=args.data_dir, evaluate=not args.no_eval, device=args.device,
+        task=args.task, targets=args.targets, eval_file=args.eval_file,
         output_dir=args.output_dir or f"results/oneshot/{model_tag}_{args.method}_{args.pattern.replace(':', 'of')}"
         f"_{args.sparsity}{'_owl' if args.owl else ''}_n{args.calib_samples}_seed{args.seed}",
     )
     res = run_oneshot(cfg)
-    summary = {k: res.get(k) for k in ("eval_f1", "sparsity", "prune_time_s", "solve_time_s")}
+    metrics = {k: v for k, v in res.items() if k.startswith("eval_") and not k.endswith(("_s", "_sentences"))}
+    summary = {"task": res["task"], **metrics, **{k: res.get(k) for k in ("sparsity", "prune_time_s", "solve_time_s")}}
     print(json.dumps({"output_dir": cfg.output_dir, **summary}))
     return 0
 
 
 def _add_oneshot_parser(sub: argparse._SubParsersAction) -> None:
+    from prune_trainer.tasks import TASKS
+
     p = sub.add_parser("oneshot", help="one-shot prune a fine-tuned model from calibration data, evaluate, export")
     p.add_argument("--model", required=True, help="fine-tuned model directory (or 'embedded')")
+    p.add_argument("--task", choices=sorted(TASKS), help="the checkpoint's head (default: from its architectures)")
+    p.add_argument("--targets", nargs="+", metavar="REGEX",
+                   help="regexes of the Linear names to prune (default: the model family's preset)")
+    p.add_argument("--eval-file", help="sequence classification: JSON Lines of {text, label} to measure accuracy on")
     p.add_argument("--method", default="sparsegpt", help="magnitude | wanda | sparsegpt | obs")
     p.add_argument("--sparsity", type=float, default=0.5, help="target sparsity (mean over layers with --owl)")
     p.add_argument("--pattern", default="unstructured", help="'unstructured' or N:M like 2:4")
@@ -108,7 +116,7 @@ def _add_oneshot_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dense-inputs", action="store_true", help="feed each block the dense (unpruned) outputs")
     p.add_argument("--data-dir", help="CoNLL-2003 directory (default: $PRUNE_TRAINER_CONLL_DIR, else the hub)")
     p.add_argument("--output-dir", help="where model/ and results.json go (default: results/oneshot/<setting>)")
-    p.add_argument("--no-eval", action="store_true", help="skip the validation F1")
+    p.add_argument("--no-eval", action="store_true", help="skip the evaluation (F1, accuracy)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
     p.add_argument("--device", default="auto", help="auto (CUDA when available) | cpu | cuda | cuda:N")
     p.set_defaults(func=_oneshot)

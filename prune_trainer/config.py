@@ -7,7 +7,7 @@ A recipe's ``pruning:`` block is this dataclass::
       schedule: {kind: cubic, final_sparsity: 0.9, start_step: 0.1, end_step: 0.7, frequency: 100}
       scope: global               # one threshold across layers, or "layer": each layer at the target
       pattern: unstructured       # or "N:M", e.g. "2:4"
-      targets: ['(encoder|transformer)\\.layers?\\.\\d+\\.']
+      targets: null               # the model family's preset (prune_trainer.families), or a list of regexes
       exclude: [classifier, pooler, embeddings]
       min_kept_fraction: 0.01
       options: {variant: soft, final_lambda: 100}   # the method's typed options (e.g. `MovementOptions`)
@@ -22,7 +22,7 @@ from typing import Any, Literal
 
 import yaml
 
-from prune_trainer.masking.inject import DEFAULT_EXCLUDE, DEFAULT_TARGETS
+from prune_trainer.masking.inject import DEFAULT_EXCLUDE
 from prune_trainer.masking.selection import parse_pattern
 from prune_trainer.options import Options, unknown_key_error
 from prune_trainer.schedules.schedule import PruningSchedule
@@ -35,7 +35,8 @@ Scope = Literal["global", "layer"]
 class PruningConfig(Options):
     """Pruning settings shared by every method.
 
-    ``targets``/``exclude``: regexes over module names (see `inject_masked_layers`).
+    ``targets``/``exclude``: regexes over module names (see `inject_masked_layers`); ``targets=None`` (default):
+    every Linear inside the transformer blocks of the model's family (`prune_trainer.families.MODEL_FAMILIES`).
     ``scope``: ``"global"`` ranks weights across all target layers, ``"layer"`` within each layer.
     ``pattern``: ``"unstructured"`` or ``"N:M"`` (N:M masks are per layer; the pattern fixes the sparsity).
     ``min_kept_fraction``: per-layer floor of kept weights under global scope (no layer emptied).
@@ -48,7 +49,7 @@ class PruningConfig(Options):
     schedule: PruningSchedule = field(default_factory=PruningSchedule)
     scope: Scope = "global"
     pattern: str = "unstructured"
-    targets: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
+    targets: list[str] | None = None
     exclude: list[str] = field(default_factory=lambda: list(DEFAULT_EXCLUDE))
     min_kept_fraction: float = 0.01
     options: Options | None = None

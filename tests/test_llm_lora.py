@@ -44,6 +44,7 @@ def test_adapters_are_never_targets():
     names = find_target_linears(model, TARGETS, ())
     assert names and all(n.endswith(".base_layer") for n in names)
     assert not any("lora_" in n for n in names)
+    assert find_target_linears(model) == names  # the Llama family preset, found through the PEFT wrapper
 
 
 def test_plain_merge_loses_sparsity_and_keep_mask_merge_keeps_it_exactly():

@@ -14,8 +14,8 @@ from prune_trainer.data.conll import load_conll_splits
 from prune_trainer.devices import resolve_device
 from prune_trainer.oneshot.base import LayerStats
 from prune_trainer.oneshot.calibration import (
+    block_stacks,
     calibration_batches,
-    encoder_layers,
     prune_sequential,
     wanda_outlier_ratios,
 )
@@ -125,11 +125,11 @@ def test_empty_and_bad_calibration_data(model, tokenizer, conll_dir):
         prune_sequential(model, [], get_method("sparsegpt"), 0.5, progress=False)
 
 
-def test_encoder_layers_found(model):
-    name, layers = encoder_layers(model)
+def test_block_stacks_found(model):
+    (name, layers), = block_stacks(model)
     assert name == "bert.encoder.layer" and len(layers) == 2
-    with pytest.raises(ValueError, match="no encoder block list"):
-        encoder_layers(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+    with pytest.raises(ValueError, match="no list of transformer blocks"):
+        block_stacks(torch.nn.Sequential(torch.nn.Linear(2, 2)))
 
 
 @pytest.fixture

@@ -37,7 +37,7 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 
 from prune_trainer.config import PruningConfig
 from prune_trainer.io import atomic_write_json
-from prune_trainer.masking.inject import find_target_linears, inject_masked_layers
+from prune_trainer.masking.inject import find_target_linears, in_features, inject_masked_layers
 from prune_trainer.masking.masked_linear import MaskedLinear
 from prune_trainer.masking.selection import check_nm, select_masks
 from prune_trainer.masking.sparsity import mask_sparsity
@@ -142,7 +142,7 @@ class PruningCallback(TrainerCallback):
         nm = self.config.nm
         if nm is not None:
             for name in find_target_linears(model, self.config.targets, self.config.exclude):
-                check_nm(*nm, model.get_submodule(name).in_features, name)
+                check_nm(*nm, in_features(model.get_submodule(name)), name)
 
     def compute_masks(self, step: int, target: float, context: PruningContext) -> dict[str, torch.Tensor]:
         """Keep-masks ``{layer name: bool [out, in]}`` for sparsity ``target`` at optimizer step ``step``."""

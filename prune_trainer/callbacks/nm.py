@@ -26,7 +26,7 @@ from transformers import TrainerControl, TrainerState, TrainingArguments
 from prune_trainer.callbacks.base import MethodNeeds, PruningCallback, PruningContext, checkpoint_dir
 from prune_trainer.config import PruningConfig
 from prune_trainer.io import atomic_file
-from prune_trainer.masking.inject import find_target_linears, masked_layers
+from prune_trainer.masking.inject import find_target_linears, in_features, masked_layers
 from prune_trainer.masking.selection import nm_mask
 from prune_trainer.methods.nm_scores import (
     calibration_batches,
@@ -143,7 +143,7 @@ class NMSparsityCallback(PruningCallback):
         candidates = masked_layers(model) or {
             name: model.get_submodule(name) for name in find_target_linears(model, config.targets, config.exclude)
         }
-        bad = {name: layer.in_features for name, layer in candidates.items() if layer.in_features % m}
+        bad = {name: in_features(layer) for name, layer in candidates.items() if in_features(layer) % m}
         if bad and opts.on_incompatible == "error":
             raise ValueError(
                 f"N:M pattern {n}:{m} needs in_features divisible by {m}; incompatible layers (in_features): {bad}. "

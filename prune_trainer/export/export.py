@@ -68,16 +68,18 @@ def export_pruned_model(
     method: str | None = None,
     pattern: str = "unstructured",
     config: dict[str, Any] | None = None,
+    layer_names: list[str] | None = None,
 ) -> dict[str, Any]:
     """Unwrap ``model`` in place (``MaskedLinear`` → ``nn.Linear`` with ``W ⊙ M``), `save_pretrained`
     it (and the tokenizer) to ``path``, and write ``sparsity.json``; return that report.
 
     The folder is built in a temporary sibling and renamed into place (`atomic_dir`): ``path`` is complete or
     absent, never half-written, even when the process is killed. The directory reloads with
-    ``AutoModelForTokenClassification.from_pretrained(path)``.
+    ``from_pretrained`` of the model's own class (GPT-2's `Conv1D` layers come back as `Conv1D`). The report covers
+    ``layer_names`` (default: the wrapped layers, else the family's default targets).
     """
     path = Path(path)
-    layer_names = list(masked_layers(model)) or None
+    layer_names = layer_names or list(masked_layers(model)) or None
     unwrap_masked_layers(model)
     report = sparsity_report(model, layer_names, method=method, pattern=pattern, config=config)
     with atomic_dir(path) as tmp:

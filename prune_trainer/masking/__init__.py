@@ -2,13 +2,13 @@
 
 from prune_trainer.masking.inject import (
     DEFAULT_EXCLUDE,
-    DEFAULT_TARGETS,
     find_target_linears,
     inject_masked_layers,
     masked_layers,
+    resolve_targets,
     unwrap_masked_layers,
 )
-from prune_trainer.masking.masked_linear import MaskedLinear
+from prune_trainer.masking.masked_linear import MaskedConv1D, MaskedLinear
 from prune_trainer.masking.selection import (
     check_nm,
     check_sparsity,
@@ -22,7 +22,7 @@ from prune_trainer.masking.sparsity import mask_sparsity, weight_sparsity_report
 
 __all__ = [
     "DEFAULT_EXCLUDE",
-    "DEFAULT_TARGETS",
+    "MaskedConv1D",
     "MaskedLinear",
     "check_nm",
     "check_sparsity",
@@ -33,6 +33,7 @@ __all__ = [
     "masked_layers",
     "nm_mask",
     "parse_pattern",
+    "resolve_targets",
     "select_masks",
     "topk_mask",
     "unwrap_masked_layers",

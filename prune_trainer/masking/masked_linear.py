@@ -75,13 +75,17 @@ class MaskedLinear(nn.Linear):
     @classmethod
     def from_linear(cls, linear: nn.Linear, mask_in_forward: bool = False) -> MaskedLinear:
         """Wrap ``linear`` in place: the new module shares its ``weight`` and ``bias`` Parameters."""
+        return cls._wrap(linear.weight, linear.bias, mask_in_forward)
+
+    @classmethod
+    def _wrap(cls, weight: nn.Parameter, bias: nn.Parameter | None, mask_in_forward: bool) -> MaskedLinear:
+        """A module around an ``[out, in]`` ``weight`` Parameter and ``bias``, with an all-ones mask."""
         new = cls.__new__(cls)
         nn.Module.__init__(new)
-        new.in_features = linear.in_features
-        new.out_features = linear.out_features
-        new.weight = linear.weight
-        new.bias = linear.bias
-        new.register_buffer("weight_mask", torch.ones_like(linear.weight, dtype=torch.bool))
+        new.out_features, new.in_features = weight.shape
+        new.weight = weight
+        new.bias = bias
+        new.register_buffer("weight_mask", torch.ones_like(weight, dtype=torch.bool))
         new.mask_in_forward = mask_in_forward
         new.mask_scores = None
         new.weight_gate = None
@@ -99,6 +103,10 @@ class MaskedLinear(nn.Linear):
                 linear.bias.copy_(self.bias)
         linear.weight.requires_grad_(self.weight.requires_grad)
         return linear
+
+    def unwrap(self) -> nn.Module:
+        """The plain module this wraps, with ``W ⊙ M`` baked in (`to_linear`; `MaskedConv1D`: a `Conv1D`)."""
+        return self.to_linear()
 
     @torch.no_grad()
     def set_mask(self, mask: torch.Tensor) -> None:
@@ -150,3 +158,50 @@ class MaskedLinear(nn.Linear):
         kept = int(self.weight_mask.sum())
         total = self.weight_mask.numel()
         return f"{super().extra_repr()}, sparsity={1 - kept / total:.4f}"
+
+
+class MaskedConv1D(MaskedLinear):
+    """GPT-2's `Conv1D` (``y = x W + b`` with ``W`` stored ``[in, out]``) as a `MaskedLinear`.
+
+    In memory the weight is a ``[out, in]`` Parameter (``Wᵀ`` of the Conv1D; a copy made when wrapping, before the
+    optimizer exists), so every callback and one-shot pruner sees the Linear layout and the forward is the same
+    ``x Wᵀ``. The state dict keeps the Conv1D's own layout: ``weight``, ``weight_mask`` (and ``mask_scores``) are
+    saved and loaded as ``[in, out]``, so checkpoints hold the keys and shapes of the unwrapped model, and
+    `unwrap` gives a `Conv1D` back with ``W ⊙ M`` baked in.
+    """
+
+    _TRANSPOSED = ("weight", "weight_mask", "mask_scores")
+
+    @classmethod
+    def from_linear(cls, linear: nn.Module, mask_in_forward: bool = False) -> MaskedConv1D:  # type: ignore[override]
+        """Wrap a `Conv1D` (weight ``[in, out]``): the bias Parameter is shared, the weight is re-laid out."""
+        weight = nn.Parameter(linear.weight.detach().t().contiguous(), requires_grad=linear.weight.requires_grad)
+        return cls._wrap(weight, linear.bias, mask_in_forward)
+
+    def unwrap(self) -> nn.Module:
+        """A `Conv1D` (weight ``[in, out]``) holding ``(W ⊙ M)ᵀ`` and the bias."""
+        from transformers.pytorch_utils import Conv1D
+
+        conv = Conv1D(self.out_features, self.in_features).to(device=self.weight.device, dtype=self.weight.dtype)
+        with torch.no_grad():
+            conv.weight.copy_(self.effective_weight().t())
+            if self.bias is not None:
+                conv.bias.copy_(self.bias)
+            else:
+                conv.bias = None
+        conv.weight.requires_grad_(self.weight.requires_grad)
+        return conv
+
+    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        for name in self._TRANSPOSED:
+            if prefix + name in destination:
+                value = destination[prefix + name]
+                destination[prefix + name] = value.t() if keep_vars else value.detach().t().contiguous()
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: object) -> None:
+        for name in self._TRANSPOSED:
+            value = state_dict.get(prefix + name)
+            if value is not None and value.dim() == 2:
+                state_dict[prefix + name] = value.t()
+        super()._load_from_state_dict(state_dict, prefix, *args)

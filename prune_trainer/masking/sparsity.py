@@ -7,21 +7,21 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from prune_trainer.masking.inject import DEFAULT_EXCLUDE, DEFAULT_TARGETS, find_target_linears
+from prune_trainer.masking.inject import find_target_linears
 from prune_trainer.masking.masked_linear import MaskedLinear
 
 
 def weight_sparsity_report(
     model: nn.Module, layer_names: Iterable[str] | None = None
 ) -> dict[str, object]:
-    """Zeros in the weights of the given Linear layers (default: the default pruning targets).
+    """Zeros in the weights of the given Linear layers (default: the wrapped layers, else the family's default targets).
 
     Returns ``{"global_sparsity", "num_zeros", "num_weights", "layers": {name: sparsity}}``, with
     the global value ``Σ zeros / Σ weights`` over the layers. Works on wrapped and plain models.
     """
     if layer_names is None:
         layer_names = [n for n, m in model.named_modules() if isinstance(m, MaskedLinear)] or \
-            find_target_linears(model, DEFAULT_TARGETS, DEFAULT_EXCLUDE)
+            find_target_linears(model)
     zeros = total = 0
     layers: dict[str, float] = {}
     with torch.no_grad():

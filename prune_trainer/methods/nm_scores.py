@@ -228,7 +228,7 @@ def sparsegpt_nm_masks(
     batches: Iterable[Mapping[str, Any]],
     n: int,
     m: int,
-    targets: Iterable[str],
+    targets: Iterable[str] | None,
     exclude: Iterable[str],
 ) -> dict[str, torch.Tensor]:
     """N:M masks and reconstructed weights from SparseGPT's N:M mode (`prune_trainer.oneshot.prune_sequential`,
@@ -246,6 +246,6 @@ def sparsegpt_nm_masks(
     with _eval_mode(model):
         prune_sequential(
             model, batches, get_method("sparsegpt"), 1.0 - n / m, prunen=n, prunem=m,
-            targets=tuple(targets), exclude=tuple(exclude), progress=False,
+            targets=None if targets is None else tuple(targets), exclude=tuple(exclude), progress=False,
         )
     return {name: layer.weight.detach() != 0 for name, layer in layers.items()}

@@ -1,12 +1,14 @@
-"""Sequential layer-by-layer calibration and pruning of a BERT-style encoder (SparseGPT / Wanda
-reference pipeline): capture the first block's inputs for the calibration batches, then for each
-block collect the inputs of its Linears with hooks (padding tokens excluded), prune them, and feed
-the block's outputs — recomputed after pruning, or the dense ones — to the next block."""
+"""Sequential block-by-block calibration and pruning (the SparseGPT / Wanda reference pipeline) for every supported
+family: for each transformer block, in forward order over all stacks (an encoder-decoder's encoder, then its
+decoder), collect the inputs of its target Linears with hooks over the calibration batches (padding tokens excluded),
+prune them, and feed the block's outputs (recomputed after pruning, or the dense ones) to the next block. Each block
+is re-run with its own captured arguments and never with a KV cache (`prune_trainer.oneshot.blocks`).
+
+GPT-2's `Conv1D` stores its weight ``[in, out]``: the pruners take and return ``[out, in]`` (`weight_out_in`)."""
 
 from __future__ import annotations
 
 import random
-import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -17,24 +19,19 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from prune_trainer.data.conll import Sentence
-from prune_trainer.masking.inject import DEFAULT_EXCLUDE, DEFAULT_TARGETS, find_target_linears
+from prune_trainer.masking.inject import DEFAULT_EXCLUDE, find_target_linears
 from prune_trainer.oneshot.base import LayerStats
+from prune_trainer.oneshot.blocks import (
+    StackInputs,
+    block_stacks,
+    capture_stack_inputs,
+    move,
+    run_block,
+    token_rows,
+)
 from prune_trainer.oneshot.owl import outlier_ratio
 from prune_trainer.oneshot.registry import OneShotMethod
 from prune_trainer.oneshot.wanda import wanda_scores
-
-LAYER_LIST_RE = re.compile(r"(^|\.)(encoder|transformer)\.layers?$")
-
-
-@dataclass
-class CalibrationBatch:
-    """Inputs of the current block for one batch: hidden states, the block's other arguments, and
-    the ``(batch, seq)`` mask of real (non-padding) tokens."""
-
-    hidden: torch.Tensor
-    args: tuple
-    kwargs: dict[str, Any]
-    token_mask: torch.Tensor
 
 
 @dataclass
@@ -45,16 +42,14 @@ class PruneReport:
     n_tokens: int = 0
 
 
-class _StopForward(Exception):
-    pass
+def weight_out_in(module: nn.Module) -> torch.Tensor:
+    """The weight as ``[out, in]`` (a view): ``weight`` of a Linear, ``weightᵀ`` of a `Conv1D`."""
+    return module.weight.data if isinstance(module, nn.Linear) else module.weight.data.t()
 
 
-def encoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """The block list of a BERT-style encoder (``bert.encoder.layer`` or any ``...encoder.layer(s)``)."""
-    for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and LAYER_LIST_RE.search(name) and len(module) > 0:
-            return name, module
-    raise ValueError(f"{type(model).__name__} has no encoder block list named like '...encoder.layer'")
+def set_weight_out_in(module: nn.Module, weight: torch.Tensor) -> None:
+    """Write an ``[out, in]`` weight back into the module's own layout."""
+    weight_out_in(module).copy_(weight)
 
 
 def calibration_batches(
@@ -64,8 +59,10 @@ def calibration_batches(
     batch_size: int = 32,
     max_length: int = 128,
     seed: int = 0,
+    split_words: bool = True,
 ) -> list[dict[str, torch.Tensor]]:
-    """``n_samples`` sentences drawn without replacement (seeded) and tokenized into padded batches.
+    """``n_samples`` sentences drawn without replacement (seeded) and tokenized into padded batches: as words
+    (``split_words``, as a tagger is trained) or as the text of the words joined by spaces (other tasks).
 
     Padding does not change the statistics (padding tokens are excluded, attention masks them)."""
     if not sentences:
@@ -81,8 +78,10 @@ def calibration_batches(
     batches = []
     for i in range(0, n_samples, batch_size):
         words = [sentences[j].tokens for j in chosen[i : i + batch_size]]
+        text = words if split_words else [" ".join(w) for w in words]
         enc = tokenizer(
-            words, is_split_into_words=True, truncation=True, max_length=max_length, padding=True, return_tensors="pt"
+            text, is_split_into_words=split_words, truncation=True, max_length=max_length, padding=True,
+            return_tensors="pt",
         )
         batches.append(dict(enc))
     return batches
@@ -99,69 +98,88 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-@torch.no_grad()
-def capture_block_inputs(model: nn.Module, batches: list[dict[str, torch.Tensor]]) -> list[CalibrationBatch]:
-    """Run the model up to its first encoder block and record that block's inputs per batch (on the
-    model's device; the batches themselves may stay on the CPU)."""
-    if not batches:
-        raise ValueError("empty calibration data: no batches given")
-    _, layers = encoder_layers(model)
-    device = model_device(model)
-    captured: list[CalibrationBatch] = []
-
-    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        captured.append(CalibrationBatch(hidden, tuple(args[1:]), dict(kwargs), torch.empty(0)))
-        raise _StopForward
-
-    handle = layers[0].register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        for batch in batches:
-            batch = {k: v.to(device) for k, v in batch.items()}
-            try:
-                model(**batch)
-            except _StopForward:
-                pass
-            captured[-1].token_mask = batch["attention_mask"].bool()
-    finally:
-        handle.remove()
-    return captured
+BlockVisit = Callable[[dict[str, nn.Module], dict[str, LayerStats]], bool]
+"""``visit(target modules of one block by name, their input statistics) -> whether it changed their weights``."""
 
 
-def _run_block(block: nn.Module, cb: CalibrationBatch) -> torch.Tensor:
-    out = block(cb.hidden, *cb.args, **cb.kwargs)
-    return out[0] if isinstance(out, tuple) else out
+def targets_by_block(model: nn.Module, names: list[str]) -> list[list[dict[str, nn.Module]]]:
+    """``[stack][block] -> {name: module}`` for the target modules; ValueError for a target outside every block."""
+    stacks = block_stacks(model)
+    out: list[list[dict[str, nn.Module]]] = [[{} for _ in blocks] for _, blocks in stacks]
+    for name in names:
+        for s, (prefix, _) in enumerate(stacks):
+            if name.startswith(prefix + "."):
+                out[s][int(name[len(prefix) + 1 :].split(".")[0])][name] = model.get_submodule(name)
+                break
+        else:
+            raise ValueError(
+                f"target {name!r} is outside the transformer blocks {[p for p, _ in stacks]}: sequential "
+                "calibration prunes modules inside the blocks only"
+            )
+    return out
 
 
-@torch.no_grad()
 def _collect_block_stats(
-    block: nn.Module, linears: dict[str, nn.Linear], inputs: list[CalibrationBatch], full: bool
+    block: nn.Module, linears: dict[str, nn.Module], inputs: StackInputs, index: int, full: bool,
+    device: torch.device,
 ) -> tuple[dict[str, LayerStats], list[torch.Tensor]]:
-    """Accumulate each Linear's input statistics over the real tokens; return them and the block outputs."""
-    stats = {name: LayerStats.empty(lin.in_features, full, lin.weight.device) for name, lin in linears.items()}
-    current: dict[str, torch.Tensor] = {}
+    """Run block ``index`` on every batch, accumulating each target's input statistics over the real tokens;
+    return them and the block's outputs (CPU)."""
+    stats = {n: LayerStats.empty(weight_out_in(m).shape[1], full, m.weight.device) for n, m in linears.items()}
+    current: dict[str, Any] = {}
 
     def make_hook(name: str) -> Callable:
         def hook(module: nn.Module, args: tuple) -> None:
-            stats[name].add(args[0][current["mask"]])
+            stats[name].add(token_rows(args[0], current["mask"], current["enc"], current["enc_mask"]))
 
         return hook
 
     handles = [lin.register_forward_pre_hook(make_hook(name)) for name, lin in linears.items()]
     outputs = []
     try:
-        for cb in inputs:
-            current["mask"] = cb.token_mask
-            outputs.append(_run_block(block, cb))
+        for b, hidden in enumerate(inputs.hidden):
+            kwargs = move(inputs.kwargs[index][b], device)
+            enc_mask = inputs.encoder_masks[b]
+            current.update(mask=inputs.token_masks[b].to(device), enc=kwargs.get("encoder_hidden_states"),
+                           enc_mask=None if enc_mask is None else enc_mask.to(device))
+            outputs.append(run_block(block, hidden, kwargs, device))
     finally:
         for h in handles:
             h.remove()
     return stats, outputs
 
 
-def _block_linears(model: nn.Module, prefix: str, index: int, names: list[str]) -> dict[str, nn.Linear]:
-    start = f"{prefix}.{index}."
-    return {n: model.get_submodule(n) for n in names if n.startswith(start)}
+@torch.no_grad()
+def walk_blocks(
+    model: nn.Module, batches: list[dict[str, torch.Tensor]], names: list[str], visit: BlockVisit, full: bool,
+    pruned_inputs: bool = True, progress: bool = True, desc: str = "blocks",
+) -> int:
+    """Visit every block in forward order with the input statistics of its targets ``names`` (``full``: with
+    ``X Xᵀ``); feed the next block the re-run outputs when ``visit`` changed weights and ``pruned_inputs``, else
+    the dense ones. Returns the number of real calibration tokens (first stack); ValueError when there are none."""
+    if not batches:
+        raise ValueError("empty calibration data: no batches given")
+    device = model_device(model)
+    stacks = block_stacks(model)
+    targets = targets_by_block(model, names)
+    captured = {} if pruned_inputs else capture_stack_inputs(model, batches, list(range(len(stacks))))
+    n_tokens = -1
+    bar = tqdm(total=sum(len(blocks) for _, blocks in stacks), desc=desc, disable=not progress)
+    for s, (prefix, blocks) in enumerate(stacks):
+        inputs = captured[s] if s in captured else capture_stack_inputs(model, batches, [s])[s]
+        if n_tokens < 0:
+            n_tokens = sum(int(mask.sum()) for mask in inputs.token_masks)
+            if n_tokens == 0:
+                raise ValueError("empty calibration data: the calibration batches hold no real tokens")
+        for i, block in enumerate(blocks):
+            stats, outputs = _collect_block_stats(block, targets[s][i], inputs, i, full, device)
+            if visit(targets[s][i], stats) and pruned_inputs:
+                outputs = [run_block(block, h, inputs.kwargs[i][b], device) for b, h in enumerate(inputs.hidden)]
+            inputs.hidden = outputs
+            bar.update(1)
+            bar.set_postfix(block=f"{prefix}.{i}")
+    bar.close()
+    return n_tokens
 
 
 @torch.no_grad()
@@ -173,12 +191,13 @@ def prune_sequential(
     prunen: int = 0,
     prunem: int = 0,
     pruned_inputs: bool = True,
-    targets: tuple[str, ...] = DEFAULT_TARGETS,
+    targets: tuple[str, ...] | None = None,
     exclude: tuple[str, ...] = DEFAULT_EXCLUDE,
     progress: bool = True,
     **method_kwargs: Any,
 ) -> PruneReport:
-    """Prune every target Linear of ``model`` in place, block by block (see module doc).
+    """Prune every target Linear of ``model`` in place, block by block (see module doc); ``targets=None``: the
+    family preset (`resolve_targets`).
 
     ``sparsity``: one value, or a per-Linear dict (OWL). ``pruned_inputs``: feed each block the
     outputs of the already-pruned previous blocks (True, as SparseGPT/Wanda) or the dense ones.
@@ -187,7 +206,6 @@ def prune_sequential(
     _synchronize(device)
     start = time.perf_counter()
     model.eval()
-    prefix, layers = encoder_layers(model)
     names = find_target_linears(model, targets, exclude)
     if isinstance(sparsity, dict):
         missing = sorted(set(names) - set(sparsity))
@@ -195,28 +213,22 @@ def prune_sequential(
             raise ValueError(f"per-layer sparsity dict misses target layers {missing[:3]}...")
     if not method.needs_calibration:
         return _prune_without_data(model, names, method, sparsity, prunen, prunem, start, **method_kwargs)
-    inputs = capture_block_inputs(model, batches)
-    report = PruneReport(n_tokens=int(sum(int(cb.token_mask.sum()) for cb in inputs)))
-    if report.n_tokens == 0:
-        raise ValueError("empty calibration data: the calibration batches hold no real tokens")
-    bar = tqdm(range(len(layers)), desc=f"{method.name} blocks", disable=not progress)
-    for i in bar:
-        block = layers[i]
-        linears = _block_linears(model, prefix, i, names)
-        stats, dense_out = _collect_block_stats(block, linears, inputs, method.needs_hessian)
+    report = PruneReport()
+
+    def visit(linears: dict[str, nn.Module], stats: dict[str, LayerStats]) -> bool:
         _synchronize(device)
         t0 = time.perf_counter()
         for name, lin in linears.items():
             s = sparsity[name] if isinstance(sparsity, dict) else sparsity
-            new_weight, keep = method.prune(lin.weight.data, stats[name], s, prunen, prunem, **method_kwargs)
-            lin.weight.data.copy_(new_weight * keep)
+            new_weight, keep = method.prune(weight_out_in(lin), stats[name], s, prunen, prunem, **method_kwargs)
+            set_weight_out_in(lin, new_weight * keep)
             report.layer_sparsity[name] = float(1.0 - keep.float().mean())
         _synchronize(device)
         report.solve_time_s += time.perf_counter() - t0
-        bar.set_postfix(block=i, solve_s=round(report.solve_time_s, 1))
-        outs = [_run_block(block, cb) for cb in inputs] if pruned_inputs and linears else dense_out
-        for cb, out in zip(inputs, outs, strict=True):
-            cb.hidden = out
+        return bool(linears)
+
+    report.n_tokens = walk_blocks(model, batches, names, visit, method.needs_hessian, pruned_inputs, progress,
+                                  f"{method.name} blocks")
     _synchronize(device)
     report.total_time_s = time.perf_counter() - start
     return report
@@ -237,8 +249,8 @@ def _prune_without_data(
     for name in names:
         lin = model.get_submodule(name)
         s = sparsity[name] if isinstance(sparsity, dict) else sparsity
-        new_weight, keep = method.prune(lin.weight.data, None, s, prunen, prunem, **method_kwargs)
-        lin.weight.data.copy_(new_weight * keep)
+        new_weight, keep = method.prune(weight_out_in(lin), None, s, prunen, prunem, **method_kwargs)
+        set_weight_out_in(lin, new_weight * keep)
         report.layer_sparsity[name] = float(1.0 - keep.float().mean())
     report.solve_time_s = report.total_time_s = time.perf_counter() - start
     return report
@@ -249,20 +261,19 @@ def wanda_outlier_ratios(
     model: nn.Module,
     batches: list[dict[str, torch.Tensor]],
     m: float = 1.0,
-    targets: tuple[str, ...] = DEFAULT_TARGETS,
+    targets: tuple[str, ...] | None = None,
     exclude: tuple[str, ...] = DEFAULT_EXCLUDE,
+    progress: bool = False,
 ) -> dict[str, float]:
-    """OWL's ``D_l`` per target Linear from Wanda scores on the dense model (one forward pass)."""
+    """OWL's ``D_l`` per target Linear from Wanda scores on the dense model (one pass over the blocks)."""
     model.eval()
-    prefix, layers = encoder_layers(model)
     names = find_target_linears(model, targets, exclude)
-    inputs = capture_block_inputs(model, batches)
     ratios: dict[str, float] = {}
-    for i, block in enumerate(layers):
-        linears = _block_linears(model, prefix, i, names)
-        stats, outs = _collect_block_stats(block, linears, inputs, full=False)
+
+    def visit(linears: dict[str, nn.Module], stats: dict[str, LayerStats]) -> bool:
         for name, lin in linears.items():
-            ratios[name] = outlier_ratio(wanda_scores(lin.weight.data, stats[name].col_norm()), m)
-        for cb, out in zip(inputs, outs, strict=True):
-            cb.hidden = out
+            ratios[name] = outlier_ratio(wanda_scores(weight_out_in(lin), stats[name].col_norm()), m)
+        return False
+
+    walk_blocks(model, batches, names, visit, full=False, pruned_inputs=False, progress=progress, desc="OWL ratios")
     return ratios

@@ -1,7 +1,12 @@
-"""Plain evaluation loop: entity-level F1 of a token-classification model on CoNLL sentences."""
+"""Evaluation of the one-shot job per task: entity-level F1 of a token-classification model on CoNLL sentences,
+accuracy of a sequence-classification model on labelled texts, and the dispatch table `TASK_EVALUATORS`."""
 
 from __future__ import annotations
 
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -45,3 +50,99 @@ def evaluate_f1(
             true_tags[j] = [labels[l_row[k]] for k in keep]
             pred_tags[j] = [labels[p_row[k]] for k in keep]
     return entity_scores(stitch_windows(true_tags, groups), stitch_windows(pred_tags, groups))
+
+
+@torch.no_grad()
+def evaluate_accuracy(
+    model: nn.Module, tokenizer: Any, texts: list[str], labels: list[int], batch_size: int = 64, max_length: int = 128
+) -> dict[str, float]:
+    """``accuracy`` (and ``n``) of a sequence-classification model: the share of texts whose arg-max logit is their
+    label."""
+    if not texts or len(texts) != len(labels):
+        raise ValueError(f"evaluate_accuracy needs as many labels as texts (>0), got {len(texts)} and {len(labels)}")
+    model.eval()
+    device = next(model.parameters()).device
+    correct = 0
+    for i in range(0, len(texts), batch_size):
+        enc = tokenizer(texts[i : i + batch_size], truncation=True, max_length=max_length, padding=True,
+                        return_tensors="pt")
+        pred = model(**{k: v.to(device) for k, v in enc.items()}).logits.argmax(-1).cpu()
+        correct += int((pred == torch.tensor(labels[i : i + batch_size])).sum())
+    return {"accuracy": correct / len(texts), "n": len(texts)}
+
+
+def read_labelled_texts(path: str | Path, label2id: dict[str, int]) -> tuple[list[str], list[int]]:
+    """Texts and label ids from a JSON Lines file of ``{"text": ..., "label": <id or name>}`` objects."""
+    texts, labels = [], []
+    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        row = json.loads(line)
+        if not isinstance(row, dict) or "text" not in row or "label" not in row:
+            raise ValueError(f"{path}:{n}: each line must be a JSON object with 'text' and 'label', got {line[:80]!r}")
+        label = row["label"]
+        if isinstance(label, str):
+            if label not in label2id:
+                raise ValueError(f"{path}:{n}: label {label!r} is not one of the model's labels {sorted(label2id)}")
+            label = label2id[label]
+        texts.append(str(row["text"]))
+        labels.append(int(label))
+    return texts, labels
+
+
+Evaluator = Callable[[nn.Module, Any, dict[str, list[Sentence]], Any], dict[str, Any]]
+"""``evaluator(model, tokenizer, splits, cfg: OneShotConfig) -> {"eval_<metric>": value, ...}``."""
+
+
+def evaluate_token_classification(model: nn.Module, tokenizer: Any, splits: dict[str, list[Sentence]],
+                                  cfg: Any) -> dict[str, Any]:
+    """Entity F1 on the validation split (and on the test split when the data has one), with timings."""
+    out: dict[str, Any] = {}
+    for split, prefix in (("validation", "eval"), ("test", "test")):
+        if split not in splits:  # every split the data has (CoNLL-2003's test.txt when present)
+            continue
+        t0 = time.perf_counter()
+        scores = evaluate_f1(model, tokenizer, splits[split], cfg.eval_batch_size, cfg.max_length)
+        out.update({f"{prefix}_{k}": v for k, v in scores.items()})
+        out[f"{prefix}_time_s"] = round(time.perf_counter() - t0, 1)
+        out[f"{prefix}_sentences"] = len(splits[split])
+    return out
+
+
+def evaluate_sequence_classification(model: nn.Module, tokenizer: Any, splits: dict[str, list[Sentence]],
+                                     cfg: Any) -> dict[str, Any]:
+    """Accuracy on ``cfg.eval_file`` (JSON Lines of ``text`` and ``label``; see `read_labelled_texts`)."""
+    if not cfg.eval_file:
+        raise ValueError("sequence-classification evaluation needs eval_file (JSON Lines of text and label)")
+    texts, labels = read_labelled_texts(cfg.eval_file, dict(getattr(model.config, "label2id", None) or {}))
+    t0 = time.perf_counter()
+    scores = evaluate_accuracy(model, tokenizer, texts, labels, cfg.eval_batch_size, cfg.max_length)
+    return {"eval_accuracy": scores["accuracy"], "eval_examples": scores["n"],
+            "eval_time_s": round(time.perf_counter() - t0, 1)}
+
+
+TASK_EVALUATORS: dict[str, Evaluator] = {
+    "token-classification": evaluate_token_classification,
+    "sequence-classification": evaluate_sequence_classification,
+}
+"""Task → its evaluation in the one-shot job (`evaluate_task`). A task without an entry runs only with evaluation
+off (``evaluate=False`` / ``--no-eval``); causal-lm and seq2seq get their perplexity evaluator here."""
+
+
+def check_evaluation(task: str, cfg: Any) -> None:
+    """Before any work: ValueError when ``task`` has no evaluator, or its evaluator lacks its data."""
+    if task not in TASK_EVALUATORS:
+        raise ValueError(
+            f"no evaluation is available for task {task!r} (available: {sorted(TASK_EVALUATORS)}); "
+            "run it with evaluate=False (--no-eval)"
+        )
+    if task == "sequence-classification" and not cfg.eval_file:
+        raise ValueError("sequence-classification evaluation needs eval_file (--eval-file, JSON Lines of text and "
+                         "label), or evaluate=False (--no-eval)")
+
+
+def evaluate_task(task: str, model: nn.Module, tokenizer: Any, splits: dict[str, list[Sentence]],
+                  cfg: Any) -> dict[str, Any]:
+    """The dispatch point of the one-shot job's evaluation: ``TASK_EVALUATORS[task](model, tokenizer, splits, cfg)``."""
+    check_evaluation(task, cfg)
+    return TASK_EVALUATORS[task](model, tokenizer, splits, cfg)

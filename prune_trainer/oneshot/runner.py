@@ -1,7 +1,9 @@
-"""The one-shot job: load a fine-tuned model → (OWL allocation) → sequential calibration + pruning →
-validation F1 → export (`export_pruned_model`, atomic) + ``results.json`` (atomic, written last).
+"""The one-shot job: load a fine-tuned model with its own head → (OWL allocation) → sequential calibration +
+pruning → evaluation of its task → export (`export_pruned_model`, atomic) + ``results.json`` (atomic, written last).
 
-The model must be a token-classification checkpoint with CoNLL's 9 labels (checked before the data is read)."""
+The task comes from the checkpoint's architectures or ``task`` (`prune_trainer.tasks`); a token-classification
+checkpoint must have CoNLL's 9 labels; the task's evaluation (`TASK_EVALUATORS`) is checked before the data is
+read (a task without one runs with ``evaluate=False``)."""
 
 from __future__ import annotations
 
@@ -17,13 +19,14 @@ import torch
 from prune_trainer.data.conll import Sentence, load_conll_splits
 from prune_trainer.devices import device_description, resolve_device
 from prune_trainer.io import atomic_write_json
-from prune_trainer.masking.inject import DEFAULT_EXCLUDE, DEFAULT_TARGETS, find_target_linears
+from prune_trainer.masking.inject import DEFAULT_EXCLUDE, find_target_linears
 from prune_trainer.masking.selection import check_sparsity, parse_pattern
 from prune_trainer.oneshot.calibration import calibration_batches, prune_sequential, wanda_outlier_ratios
-from prune_trainer.oneshot.evaluation import evaluate_f1
+from prune_trainer.oneshot.evaluation import check_evaluation, evaluate_task
 from prune_trainer.oneshot.owl import owl_sparsities
 from prune_trainer.oneshot.registry import get_method
 from prune_trainer.options import Options, unknown_key_error
+from prune_trainer.tasks import check_task, load_model_for_task, task_of
 
 RESULTS_FILE = "results.json"
 
@@ -33,7 +36,9 @@ class OneShotConfig(Options):
     """One one-shot setting: the fine-tuned ``model``, the per-layer ``method`` (`ONESHOT_METHODS`), the target
     ``sparsity`` (or an N:M ``pattern``), optional OWL allocation, the calibration sample, evaluation and export.
     ``options``: keyword options of the method's pruner (e.g. ``{"percdamp": 0.01, "lazy": 64}`` for OBS; an
-    unknown key is an error naming the pruner's options)."""
+    unknown key is an error naming the pruner's options). ``task``: None (from the checkpoint's architectures) or a
+    `TASKS` name; ``targets``/``exclude``: regexes (None: the family preset, `MODEL_FAMILIES`); ``eval_file``: the
+    labelled texts (JSON Lines) a sequence-classification model is evaluated on."""
 
     section = "one-shot config"
 
@@ -56,6 +61,10 @@ class OneShotConfig(Options):
     evaluate: bool = True
     options: dict[str, Any] = field(default_factory=dict)
     device: str = "auto"  # "auto" (CUDA when available, as Trainer does), "cpu", "cuda", "cuda:1", ...
+    task: str | None = None
+    targets: list[str] | None = None
+    exclude: list[str] | None = None
+    eval_file: str | None = None
 
     def validate(self) -> None:
         method = get_method(self.method)
@@ -66,6 +75,7 @@ class OneShotConfig(Options):
         if unknown:
             raise unknown_key_error(f"{self.method} pruner options", unknown, allowed)
         resolve_device(self.device)
+        check_task(self.task)
         nm = parse_pattern(self.pattern)
         if nm is None:
             check_sparsity(self.sparsity)
@@ -82,74 +92,66 @@ def run_oneshot(
 ) -> dict[str, Any]:
     """Run one configuration; return (and write to ``<output_dir>/results.json``) its results."""
     from prune_trainer.export import export_pruned_model
-    from prune_trainer.models import check_model_labels, load_model_and_tokenizer, load_model_config, resolve_model_path
+    from prune_trainer.models import check_model_labels, load_model_config, resolve_model_path
 
     cfg.validate()
     model_path = resolve_model_path(cfg.model)  # a missing model directory fails here, before the data is read
-    check_model_labels(load_model_config(model_path), cfg.model, require_token_head=True)
-    method = get_method(cfg.method)
-    nm = parse_pattern(cfg.pattern)
-    prunen, prunem = nm if nm else (0, 0)
+    config = load_model_config(model_path)
+    task = task_of(config, cfg.task, cfg.model)
+    if task == "token-classification":
+        check_model_labels(config, cfg.model, require_token_head=True)
+    if cfg.evaluate:
+        check_evaluation(task, cfg)
     splits = splits if splits is not None else load_conll_splits(cfg.data_dir)
     device = resolve_device(cfg.device)
-    model, tokenizer = load_model_and_tokenizer(model_path)
+    model, tokenizer, _ = load_model_for_task(model_path, task)
     model.to(device).eval()
-    batches = calibration_batches(
-        splits["train"], tokenizer, cfg.calib_samples, cfg.calib_batch_size, cfg.max_length, cfg.seed
-    )
-    start = time.perf_counter()
-    sparsity: float | dict[str, float] = cfg.sparsity if nm is None else 1.0 - prunen / prunem
-    owl_info = None
-    if cfg.owl:
-        ratios = wanda_outlier_ratios(model, batches, cfg.owl_m)
-        sizes = {n: model.get_submodule(n).weight.numel() for n in find_target_linears(model)}
-        sparsity = owl_sparsities(ratios, sizes, cfg.sparsity, cfg.owl_lambda)
-        owl_info = {"outlier_ratios": ratios, "layer_sparsity": sparsity}
-    report = prune_sequential(
-        model, batches, method, sparsity, prunen, prunem, cfg.pruned_inputs,
-        DEFAULT_TARGETS, DEFAULT_EXCLUDE, progress, **cfg.options,
-    )
-    prune_time = time.perf_counter() - start
-    results: dict[str, Any] = {
-        "config": asdict(cfg),
-        "prune_time_s": round(prune_time, 2),
-        "solve_time_s": round(report.solve_time_s, 2),
-        "calib_tokens": report.n_tokens,
-        "torch_threads": torch.get_num_threads(),
-        "cpu_count": os.cpu_count(),
-        "device": device_description(device),
-        "owl": owl_info,
-    }
+    batches = calibration_batches(splits["train"], tokenizer, cfg.calib_samples, cfg.calib_batch_size,
+                                  cfg.max_length, cfg.seed, split_words=task == "token-classification")
+    results: dict[str, Any] = {"config": asdict(cfg), "task": task, **_prune(model, batches, cfg, progress)}
+    results.update(torch_threads=torch.get_num_threads(), cpu_count=os.cpu_count(), device=device_description(device))
     if cfg.evaluate:
-        results.update(_evaluate(model, tokenizer, splits, cfg))
+        results.update(evaluate_task(task, model, tokenizer, splits, cfg))
     if cfg.output_dir:
         out = Path(cfg.output_dir)
         if cfg.export:
             sp = export_pruned_model(model, out / "model", tokenizer, method=cfg.method, pattern=cfg.pattern,
-                                     config=asdict(cfg))
+                                     config=asdict(cfg), layer_names=_target_names(model, cfg))
             results["sparsity"] = sp["global_sparsity"]
             results["sparsity_per_layer"] = sp["per_layer"]
         atomic_write_json(out / RESULTS_FILE, results)  # after model/: its presence marks the setting done
     if "sparsity" not in results:
-        results["sparsity"] = _measured_sparsity(model)
+        results["sparsity"] = _measured_sparsity(model, cfg)
     return results
 
 
-def _evaluate(model: torch.nn.Module, tokenizer: Any, splits: dict[str, list[Sentence]], cfg: OneShotConfig) -> dict:
-    """Entity F1 on the validation split (and on the test split when the data has one), with timings."""
-    t0 = time.perf_counter()
-    scores = evaluate_f1(model, tokenizer, splits["validation"], cfg.eval_batch_size, cfg.max_length)
-    out: dict[str, Any] = {f"eval_{k}": v for k, v in scores.items()}
-    out["eval_time_s"] = round(time.perf_counter() - t0, 1)
-    out["eval_sentences"] = len(splits["validation"])
-    if "test" in splits:  # every split the data has (CoNLL-2003's test.txt when present)
-        scores = evaluate_f1(model, tokenizer, splits["test"], cfg.eval_batch_size, cfg.max_length)
-        out.update({f"test_{k}": v for k, v in scores.items()})
-        out["test_sentences"] = len(splits["test"])
-    return out
+def _prune(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]], cfg: OneShotConfig,
+           progress: bool) -> dict[str, Any]:
+    """(OWL allocation and) sequential pruning; the timings, calibration token count and OWL details."""
+    nm = parse_pattern(cfg.pattern)
+    prunen, prunem = nm if nm else (0, 0)
+    targets, exclude = cfg.targets, DEFAULT_EXCLUDE if cfg.exclude is None else cfg.exclude
+    start = time.perf_counter()
+    sparsity: float | dict[str, float] = cfg.sparsity if nm is None else 1.0 - prunen / prunem
+    owl_info = None
+    if cfg.owl:
+        ratios = wanda_outlier_ratios(model, batches, cfg.owl_m, targets, exclude)
+        sizes = {n: model.get_submodule(n).weight.numel() for n in _target_names(model, cfg)}
+        sparsity = owl_sparsities(ratios, sizes, cfg.sparsity, cfg.owl_lambda)
+        owl_info = {"outlier_ratios": ratios, "layer_sparsity": sparsity}
+    report = prune_sequential(
+        model, batches, get_method(cfg.method), sparsity, prunen, prunem, cfg.pruned_inputs,
+        targets, exclude, progress, **cfg.options,
+    )
+    return {"prune_time_s": round(time.perf_counter() - start, 2), "solve_time_s": round(report.solve_time_s, 2),
+            "calib_tokens": report.n_tokens, "owl": owl_info}
 
 
-def _measured_sparsity(model: torch.nn.Module) -> float:
+def _target_names(model: torch.nn.Module, cfg: OneShotConfig) -> list[str]:
+    return find_target_linears(model, cfg.targets, DEFAULT_EXCLUDE if cfg.exclude is None else cfg.exclude)
+
+
+def _measured_sparsity(model: torch.nn.Module, cfg: OneShotConfig) -> float:
     from prune_trainer.masking.sparsity import weight_sparsity_report
 
-    return float(weight_sparsity_report(model)["global_sparsity"])
+    return float(weight_sparsity_report(model, _target_names(model, cfg))["global_sparsity"])
