@@ -159,3 +159,22 @@ def test_oneshot_job_on_a_causal_lm_reports_perplexity(tmp_path, conll_dir):
     assert res["eval_tokens"] == (ids.numel() // 16) * 15
     batches = text_calibration_batches([Sentence(["a", "b"] * 20, ["O", "O"] * 20)], tok, 4, 3, seqlen=8)
     assert [b["input_ids"].shape for b in batches] == [(3, 8), (1, 8)]
+
+
+def test_cli_oneshot_causal_lm_prints_perplexity(tmp_path, conll_dir, capsys):
+    import json
+
+    from helpers import tiny_tokenizer
+
+    from prune_trainer.cli import main
+
+    path = tmp_path / "llama"
+    tiny_llama(6).save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    rc = main(["oneshot", "--model", str(path), "--method", "wanda", "--pattern", "2:4", "--max-length", "16",
+               "--calib-samples", "4", "--calib-batch-size", "2", "--data-dir", str(conll_dir),
+               "--output-dir", str(tmp_path / "out")])
+    assert rc == 0
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert line["task"] == "causal-lm" and line["sparsity"] == pytest.approx(0.5)
+    assert math.isfinite(line["eval_perplexity"]) and line["eval_perplexity"] > 1

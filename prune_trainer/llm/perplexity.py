@@ -24,6 +24,9 @@ from torch import nn
 
 from prune_trainer.data.conll import Sentence
 
+MAX_LOGITS = 2**28
+"""Most logits (float32: 1 GiB) one evaluation batch of the one-shot job holds (`evaluate_causal_lm`)."""
+
 
 @dataclass(frozen=True)
 class Window:
@@ -151,6 +154,8 @@ def evaluate_causal_lm(model: nn.Module, tokenizer: Any, splits: dict[str, list[
 
     text = load_text(cfg.eval_file) if cfg.eval_file else sentences_text(splits["validation"])
     seqlen = min(cfg.max_length, context_length(model) or cfg.max_length)
-    r = perplexity(model, tokenize_text(text, tokenizer), seqlen, batch_size=cfg.eval_batch_size)
+    vocab = int(getattr(model.config, "vocab_size", 0) or 1)
+    batch_size = max(1, min(cfg.eval_batch_size, MAX_LOGITS // (seqlen * vocab)))  # float32 logits ≤ 1 GiB
+    r = perplexity(model, tokenize_text(text, tokenizer), seqlen, batch_size=batch_size)
     return {"eval_perplexity": r.perplexity, "eval_nll": r.nll, "eval_tokens": r.n_tokens, "eval_seqlen": seqlen,
-            "eval_time_s": round(r.time_s, 1)}
+            "eval_batch_size": batch_size, "eval_time_s": round(r.time_s, 1)}
