@@ -171,8 +171,9 @@ def measured_sparsity(model: nn.Module) -> float:
     return float(sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights))
 
 
-def row_key(method: str, setting: str) -> tuple[str, str]:
-    return method, setting
+def row_key(method: str, setting: str, calib: int, eval_windows: int | None) -> tuple:
+    """A row's identity: method, setting, calibration count (not for dense) and evaluation windows."""
+    return method, setting, None if method == "dense" else calib, eval_windows
 
 
 def parse_setting(setting: str) -> tuple[float, str, int, int]:
@@ -216,12 +217,29 @@ def load_rows(path: Path) -> list[dict[str, Any]]:
     return json.loads(path.read_text()) if path.is_file() else []
 
 
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    """The rows as a Markdown table, with each perplexity's ratio to the dense row's."""
+    dense = next((r["perplexity"] for r in rows if r["method"] == "dense"), None)
+    lines = ["| method | pattern | target sparsity | measured sparsity | calibration windows | perplexity | × dense | "
+             "prune time (s) |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ratio = f"{r['perplexity'] / dense:.2f}" if dense else "–"
+        calib = "–" if r["method"] in ("dense", "magnitude") else r["calib_samples"]
+        lines.append(f"| {r['method']} | {r['pattern']} | {r['sparsity']:.0%} | {r['measured_sparsity']:.1%} | "
+                     f"{calib} | {r['perplexity']:.2f} | {ratio} | {r['prune_time_s']:.0f} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.table:
+        print(markdown_table(load_rows(Path(args.out) / "results.json")))
+        return
     torch.manual_seed(0)
     out_path = Path(args.out) / "results.json"
     rows = load_rows(out_path)
-    done = {row_key(r["method"], r["setting"]) for r in rows}
+    done = {row_key(r["method"], r["setting"], r["calib_samples"], r.get("max_eval_windows", r["eval_windows"]))
+            for r in rows}
     model, tokenizer = load_causal_lm(args.model)
     dense_state = {k: v.clone() for k, v in model.state_dict().items()}
     calib = calibration_windows(tokenizer, args.calib, args.seqlen, args.calib_source, seed=args.seed)
@@ -229,7 +247,7 @@ def main(argv: list[str] | None = None) -> None:
     plan = [("dense", "0")] + [(m, s) for s in args.settings.split(",") for m in args.methods.split(",")
                                 if not (m == "owl" and ":" in s)]
     for method, setting in plan:
-        if row_key(method, setting) in done:
+        if row_key(method, setting, args.calib, args.eval_windows) in done:
             print(f"skip {method} {setting}: already in {out_path}", flush=True)
             continue
         model.load_state_dict(dense_state)
@@ -245,7 +263,8 @@ def main(argv: list[str] | None = None) -> None:
 
 def _provenance(args: argparse.Namespace) -> dict[str, Any]:
     return {
-        "calib_samples": args.calib, "seqlen": args.seqlen, "calib_source": args.calib_source,
+        "calib_samples": args.calib, "max_eval_windows": args.eval_windows, "seqlen": args.seqlen,
+        "calib_source": args.calib_source,
         "eval_source": args.eval_source, "seed": args.seed, "git_commit": git_commit(),
         "device": f"cpu ({torch.get_num_threads()} threads, {os.cpu_count()} cores, shared)",
         "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
@@ -266,6 +285,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--calib-source", default="conll-train")
     p.add_argument("--eval-source", default="conll-validation")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--table", action="store_true", help="print <out>/results.json as a Markdown table and exit")
     return p.parse_args(argv)
 
 

@@ -95,3 +95,17 @@ def test_script_runner_equals_the_library_runner(method, nm):
     prune_sequential(b, batches, get_method(method), 0.5, *nm, progress=False)
     for (name, p), (_, q) in zip(a.named_parameters(), b.named_parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_markdown_table_and_row_keys():
+    from scripts.llm_oneshot import markdown_table, row_key
+
+    rows = [{"method": "dense", "pattern": "dense", "sparsity": 0.0, "measured_sparsity": 0.0, "calib_samples": 8,
+             "perplexity": 20.0, "prune_time_s": 0.0},
+            {"method": "sparsegpt", "pattern": "2:4", "sparsity": 0.5, "measured_sparsity": 0.5, "calib_samples": 8,
+             "perplexity": 30.0, "prune_time_s": 12.3}]
+    table = markdown_table(rows).splitlines()
+    assert table[2] == "| dense | dense | 0% | 0.0% | – | 20.00 | 1.00 | 0 |"
+    assert table[3] == "| sparsegpt | 2:4 | 50% | 50.0% | 8 | 30.00 | 1.50 | 12 |"
+    assert row_key("dense", "0", 8, 8) == row_key("dense", "0", 32, 8)  # dense needs no calibration
+    assert row_key("sparsegpt", "0.5", 8, 8) != row_key("sparsegpt", "0.5", 32, 8)
