@@ -171,9 +171,12 @@ def measured_sparsity(model: nn.Module) -> float:
     return float(sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights))
 
 
-def row_key(method: str, setting: str, calib: int, eval_windows: int | None) -> tuple:
-    """A row's identity: method, setting, calibration count (not for dense) and evaluation windows."""
-    return method, setting, None if method == "dense" else calib, eval_windows
+def row_key(method: str, setting: str, calib: int, eval_windows: int | None) -> str:
+    """A row's key in ``results.json``: ``method|setting|allocation|n<calib>|w<eval windows>`` as the study's
+    one-shot grids (``dense|w<eval windows>`` for the dense row, which needs no calibration)."""
+    if method == "dense":
+        return f"dense|w{eval_windows}"
+    return f"{method}|{setting}|{'owl' if method == 'owl' else 'uniform'}|n{calib}|w{eval_windows}"
 
 
 def parse_setting(setting: str) -> tuple[float, str, int, int]:
@@ -213,8 +216,13 @@ def prune_row(model: nn.Module, calib: torch.Tensor, method: str, setting: str, 
     return out
 
 
-def load_rows(path: Path) -> list[dict[str, Any]]:
-    return json.loads(path.read_text()) if path.is_file() else []
+def load_rows(path: Path) -> dict[str, dict[str, Any]]:
+    """The finished rows by key (`row_key`); a list of rows (the first format) is keyed on load."""
+    data = json.loads(path.read_text()) if path.is_file() else {}
+    if isinstance(data, list):
+        data = {row_key(r["method"], r["setting"], r["calib_samples"], r.get("max_eval_windows", r["eval_windows"])): r
+                for r in data}
+    return data
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
@@ -233,13 +241,11 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.table:
-        print(markdown_table(load_rows(Path(args.out) / "results.json")))
+        print(markdown_table(list(load_rows(Path(args.out) / "results.json").values())))
         return
     torch.manual_seed(0)
     out_path = Path(args.out) / "results.json"
     rows = load_rows(out_path)
-    done = {row_key(r["method"], r["setting"], r["calib_samples"], r.get("max_eval_windows", r["eval_windows"]))
-            for r in rows}
     model, tokenizer = load_causal_lm(args.model)
     dense_state = {k: v.clone() for k, v in model.state_dict().items()}
     calib = calibration_windows(tokenizer, args.calib, args.seqlen, args.calib_source, seed=args.seed)
@@ -247,7 +253,8 @@ def main(argv: list[str] | None = None) -> None:
     plan = [("dense", "0")] + [(m, s) for s in args.settings.split(",") for m in args.methods.split(",")
                                 if not (m == "owl" and ":" in s)]
     for method, setting in plan:
-        if row_key(method, setting, args.calib, args.eval_windows) in done:
+        key = row_key(method, setting, args.calib, args.eval_windows)
+        if key in rows:
             print(f"skip {method} {setting}: already in {out_path}", flush=True)
             continue
         model.load_state_dict(dense_state)
@@ -256,7 +263,7 @@ def main(argv: list[str] | None = None) -> None:
         row["measured_sparsity"] = round(measured_sparsity(model), 6)
         row.update(evaluate_row(model, eval_ids, args))
         row.update(_provenance(args))
-        rows.append(row)
+        rows[key] = row
         atomic_write_json(out_path, rows)
         print(json.dumps({k: row[k] for k in ("method", "setting", "perplexity", "prune_time_s")}), flush=True)
 

@@ -97,8 +97,10 @@ def test_script_runner_equals_the_library_runner(method, nm):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
 
 
-def test_markdown_table_and_row_keys():
-    from scripts.llm_oneshot import markdown_table, row_key
+def test_markdown_table_and_row_keys(tmp_path):
+    import json
+
+    from scripts.llm_oneshot import load_rows, markdown_table, row_key
 
     rows = [{"method": "dense", "pattern": "dense", "sparsity": 0.0, "measured_sparsity": 0.0, "calib_samples": 8,
              "perplexity": 20.0, "prune_time_s": 0.0},
@@ -107,5 +109,9 @@ def test_markdown_table_and_row_keys():
     table = markdown_table(rows).splitlines()
     assert table[2] == "| dense | dense | 0% | 0.0% | – | 20.00 | 1.00 | 0 |"
     assert table[3] == "| sparsegpt | 2:4 | 50% | 50.0% | 8 | 30.00 | 1.50 | 12 |"
-    assert row_key("dense", "0", 8, 8) == row_key("dense", "0", 32, 8)  # dense needs no calibration
-    assert row_key("sparsegpt", "0.5", 8, 8) != row_key("sparsegpt", "0.5", 32, 8)
+    assert row_key("dense", "0", 8, 8) == row_key("dense", "0", 32, 8) == "dense|w8"  # no calibration
+    assert row_key("sparsegpt", "0.5", 8, 8) == "sparsegpt|0.5|uniform|n8|w8"
+    assert row_key("owl", "0.7", 8, None) == "owl|0.7|owl|n8|wNone"
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps([{**rows[1], "setting": "2:4", "eval_windows": 8}]))  # the first (list) format
+    assert list(load_rows(path)) == ["sparsegpt|2:4|uniform|n8|w8"]
