@@ -178,3 +178,18 @@ def test_cli_oneshot_causal_lm_prints_perplexity(tmp_path, conll_dir, capsys):
     line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert line["task"] == "causal-lm" and line["sparsity"] == pytest.approx(0.5)
     assert math.isfinite(line["eval_perplexity"]) and line["eval_perplexity"] > 1
+
+
+def test_wikitext_source_joins_lines_as_sparsegpt(monkeypatch):
+    """The hub path (not reachable offline): the split is asked for by name and its lines joined with blank lines."""
+    import datasets
+
+    calls = []
+
+    def fake_load_dataset(*args, split):
+        calls.append((args, split))
+        return {"text": [" = Title = \n", " Some text .\n"]}
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    assert load_text("wikitext2-test") == " = Title = \n\n\n Some text .\n"
+    assert calls == [(("Salesforce/wikitext", "wikitext-2-raw-v1"), "test")]

@@ -21,7 +21,7 @@ NO_SPACE_BEFORE = frozenset({",", ".", ";", ":", "!", "?", ")", "]", "}", "%", "
                              "'ll", "'d", "'m", "'", "..."})
 NO_SPACE_AFTER = frozenset({"(", "[", "{", "$", "US$", "#"})
 CONLL_TEXT_SOURCES = {"conll-train": "train", "conll-validation": "validation", "conll-test": "test"}
-WIKITEXT2 = ("wikitext", "wikitext-2-raw-v1")
+WIKITEXT2 = ("Salesforce/wikitext", "wikitext-2-raw-v1")
 WIKITEXT_SOURCES = {"wikitext2-train": "train", "wikitext2-validation": "validation", "wikitext2-test": "test"}
 
 
