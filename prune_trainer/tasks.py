@@ -58,6 +58,11 @@ def task_of(config: PretrainedConfig, task: str | None = None, name: str = "mode
                 f"head would be meaningless: give a checkpoint fine-tuned for {task}"
             )
         return task
+    if architectures and not found:
+        raise ValueError(
+            f"model {name!r} is not a checkpoint with a task head (architectures: {architectures}): one-shot pruning "
+            f"needs a fine-tuned model with one of the heads of {sorted(TASKS)}, e.g. results/dense/model"
+        )
     if len(found) != 1:
         raise ValueError(
             f"cannot tell the task of model {name!r} from its architectures {architectures or 'none'}: "

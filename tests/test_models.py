@@ -100,7 +100,7 @@ def test_oneshot_on_a_base_checkpoint_is_a_clear_error(tmp_path, conll_dir, caps
     tiny_tokenizer().save_pretrained(base)
     rc = main(["oneshot", "--model", str(base), "--data-dir", str(conll_dir), "--output-dir", str(tmp_path / "o")])
     assert rc == 2
-    assert "is not a token-classification checkpoint (architectures: ['BertModel'])" in capsys.readouterr().err
+    assert "is not a checkpoint with a task head (architectures: ['BertModel'])" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 
 
