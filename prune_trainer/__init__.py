@@ -28,6 +28,7 @@ from prune_trainer.callbacks import (
 )
 from prune_trainer.config import PruningConfig
 from prune_trainer.data import load_conll_splits, make_compute_metrics, tokenize_and_align
+from prune_trainer.data.text import calibration_windows, load_text, tokenize_text
 from prune_trainer.export import (
     OrtTokenClassifier,
     convert_checkpoint,
@@ -39,6 +40,13 @@ from prune_trainer.export import (
     sparsity_report,
 )
 from prune_trainer.families import MODEL_FAMILIES, ModelFamily
+from prune_trainer.llm import (
+    PerplexityResult,
+    load_causal_lm,
+    mask_lora_updates,
+    merge_lora_keep_mask,
+    perplexity,
+)
 from prune_trainer.masking import (
     MaskedConv1D,
     MaskedLinear,
@@ -81,4 +89,7 @@ __all__ = [
     "LotteryConfig", "run_lottery",
     # models and data
     "load_model_and_tokenizer", "load_conll_splits", "tokenize_and_align", "make_compute_metrics",
+    # causal language models: loading, text, perplexity, LoRA
+    "load_causal_lm", "load_text", "tokenize_text", "calibration_windows", "perplexity", "PerplexityResult",
+    "merge_lora_keep_mask", "mask_lora_updates",
 ]

@@ -121,12 +121,13 @@ def _oneshot(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    model_tag = "embedded" if args.model == "embedded" else Path(args.model.rstrip("/\\")).name
+    model_tag = args.model if args.model in ("embedded", "embedded-llm") else Path(args.model.rstrip("/\\")).name
     cfg = OneShotConfig(
         model=args.model, method=args.method, sparsity=args.sparsity, pattern=args.pattern, owl=args.owl,
         owl_m=args.owl_m, owl_lambda=args.owl_lambda, calib_samples=args.calib_samples, seed=args.seed,
         pruned_inputs=not args.dense_inputs, data_dir=args.data_dir, evaluate=not args.no_eval, device=args.device,
-        task=args.task, targets=args.targets, eval_file=args.eval_file,
+        task=args.task, targets=args.targets, eval_file=args.eval_file, max_length=args.max_length,
+        calib_batch_size=args.calib_batch_size,
         output_dir=args.output_dir or f"results/oneshot/{model_tag}_{args.method}_{args.pattern.replace(':', 'of')}"
         f"_{args.sparsity}{'_owl' if args.owl else ''}_n{args.calib_samples}_seed{args.seed}",
     )
@@ -141,11 +142,12 @@ def _add_oneshot_parser(sub: argparse._SubParsersAction) -> None:
     from prune_trainer.tasks import TASKS
 
     p = sub.add_parser("oneshot", help="one-shot prune a fine-tuned model from calibration data, evaluate, export")
-    p.add_argument("--model", required=True, help="fine-tuned model directory (or 'embedded')")
+    p.add_argument("--model", required=True, help="fine-tuned model directory, 'embedded' or 'embedded-llm'")
     p.add_argument("--task", choices=sorted(TASKS), help="the checkpoint's head (default: from its architectures)")
     p.add_argument("--targets", nargs="+", metavar="REGEX",
                    help="regexes of the Linear names to prune (default: the model family's preset)")
-    p.add_argument("--eval-file", help="sequence classification: JSON Lines of {text, label} to measure accuracy on")
+    p.add_argument("--eval-file", help="sequence classification: JSON Lines of {text, label} to measure accuracy on; "
+                   "causal LM: a text file for the perplexity (default: the CoNLL-2003 validation text)")
     p.add_argument("--method", default="sparsegpt", help="magnitude | wanda | sparsegpt | obs")
     p.add_argument("--sparsity", type=float, default=0.5, help="target sparsity (mean over layers with --owl)")
     p.add_argument("--pattern", default="unstructured", help="'unstructured' or N:M like 2:4")
@@ -154,10 +156,13 @@ def _add_oneshot_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--owl-lambda", type=float, default=None, help="bound layer sparsities to target ± lambda")
     p.add_argument("--calib-samples", type=int, default=4096, help="calibration sentences from train (default 4096)")
     p.add_argument("--seed", type=int, default=0, help="seed of the calibration sample")
+    p.add_argument("--max-length", type=int, default=128,
+                   help="tokens per calibration sentence; causal LM: calibration and perplexity window (default 128)")
+    p.add_argument("--calib-batch-size", type=int, default=32, help="calibration sequences per forward (default 32)")
     p.add_argument("--dense-inputs", action="store_true", help="feed each block the dense (unpruned) outputs")
     p.add_argument("--data-dir", help="CoNLL-2003 directory (default: $PRUNE_TRAINER_CONLL_DIR, else the hub)")
     p.add_argument("--output-dir", help="where model/ and results.json go (default: results/oneshot/<setting>)")
-    p.add_argument("--no-eval", action="store_true", help="skip the evaluation (F1, accuracy)")
+    p.add_argument("--no-eval", action="store_true", help="skip the evaluation (F1, accuracy, perplexity)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
     p.add_argument("--device", default="auto", help="auto (CUDA when available) | cpu | cuda | cuda:N")
     p.set_defaults(func=_oneshot)

@@ -49,13 +49,18 @@ def looks_like_local_path(name: str) -> bool:
 
 
 def resolve_model_path(name_or_path: str | os.PathLike | None) -> str:
-    """``None``/``"embedded"`` → the embedded model's directory; an existing directory or a hub id as given.
+    """``None``/``"embedded"`` → the embedded model's directory, ``"embedded-llm"`` → the embedded SmolLM2's
+    (converted once, `prune_trainer.llm.models.embedded_llm_dir`); an existing directory or a hub id as given.
 
     Raises ``FileNotFoundError`` naming the path when it is a local path (see ``looks_like_local_path``) that
     does not exist, or a directory without ``config.json`` or without weights (instead of the hub's repo-id
     error or a load error deep inside `from_pretrained`)."""
     if name_or_path is None or str(name_or_path) == EMBEDDED_MODEL:
         return str(embedded_model_dir())
+    if str(name_or_path) == "embedded-llm":  # prune_trainer.llm.models.EMBEDDED_LLM: SmolLM2-135M
+        from prune_trainer.llm.models import embedded_llm_dir
+
+        return str(embedded_llm_dir())
     name = str(name_or_path)
     path = Path(name).expanduser()
     if path.is_dir():
@@ -70,7 +75,7 @@ def resolve_model_path(name_or_path: str | os.PathLike | None) -> str:
     if isinstance(name_or_path, os.PathLike) or looks_like_local_path(name):
         raise FileNotFoundError(
             f"model {name!r}: no such directory (from {Path.cwd()}); give a saved model directory, "
-            f"{EMBEDDED_MODEL!r} or a hub id such as 'bert-base-cased'"
+            f"{EMBEDDED_MODEL!r}, 'embedded-llm' or a hub id such as 'bert-base-cased'"
         )
     return name
 

@@ -18,6 +18,9 @@ from prune_trainer.families import family_of, prunable_module_types, unknown_fam
 from prune_trainer.masking.masked_linear import MaskedConv1D, MaskedLinear
 
 DEFAULT_EXCLUDE: tuple[str, ...] = (r"classifier", r"pooler", r"embeddings")
+ADAPTER_MODULES = re.compile(r"(^|\.)lora_(A|B|embedding_A|embedding_B|magnitude_vector)(\.|$)")
+"""PEFT LoRA adapter modules: never pruning targets, whatever the patterns (the masks go on the base weights,
+``...base_layer``; see `prune_trainer.llm.lora`)."""
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -55,7 +58,8 @@ def find_target_linears(
     exclude: Sequence[str] | None = DEFAULT_EXCLUDE,
 ) -> list[str]:
     """Names of the `nn.Linear` (and `Conv1D`) modules matching any of ``targets`` and none of ``exclude``
-    (``targets=None``: the family preset, see `resolve_targets`).
+    (``targets=None``: the family preset, see `resolve_targets`); PEFT adapter modules (`ADAPTER_MODULES`) are
+    always left out.
 
     Raises:
         ValueError: if a pattern is not a valid regex, the patterns match no Linear layer, or ``targets`` is None
@@ -76,6 +80,7 @@ def find_target_linears(
         if isinstance(module, kinds)
         and any(r.search(name) for r in target_res)
         and not any(r.search(name) for r in exclude_res)
+        and not ADAPTER_MODULES.search(name)
     ]
     if not names:
         raise ValueError(

@@ -17,6 +17,7 @@ from transformers import DataCollatorForTokenClassification
 from prune_trainer.data import entity_scores, stitch_windows, tokenize_and_align, window_sentences
 from prune_trainer.data.conll import CONLL_LABELS, Sentence
 from prune_trainer.data.tokenize import IGNORE_INDEX
+from prune_trainer.llm.perplexity import evaluate_causal_lm
 
 
 @torch.no_grad()
@@ -125,9 +126,10 @@ def evaluate_sequence_classification(model: nn.Module, tokenizer: Any, splits: d
 TASK_EVALUATORS: dict[str, Evaluator] = {
     "token-classification": evaluate_token_classification,
     "sequence-classification": evaluate_sequence_classification,
+    "causal-lm": evaluate_causal_lm,
 }
 """Task → its evaluation in the one-shot job (`evaluate_task`). A task without an entry runs only with evaluation
-off (``evaluate=False`` / ``--no-eval``); causal-lm and seq2seq get their perplexity evaluator here."""
+off (``evaluate=False`` / ``--no-eval``); causal-lm: perplexity (`prune_trainer.llm.perplexity.evaluate_causal_lm`)."""
 
 
 def check_evaluation(task: str, cfg: Any) -> None:

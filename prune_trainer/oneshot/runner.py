@@ -17,8 +17,10 @@ from typing import Any
 import torch
 
 from prune_trainer.data.conll import Sentence, load_conll_splits
+from prune_trainer.data.text import text_calibration_batches
 from prune_trainer.devices import device_description, resolve_device
 from prune_trainer.io import atomic_write_json
+from prune_trainer.llm.models import context_length
 from prune_trainer.masking.inject import DEFAULT_EXCLUDE, find_target_linears
 from prune_trainer.masking.selection import check_sparsity, parse_pattern
 from prune_trainer.oneshot.calibration import calibration_batches, prune_sequential, wanda_outlier_ratios
@@ -106,8 +108,13 @@ def run_oneshot(
     device = resolve_device(cfg.device)
     model, tokenizer, _ = load_model_for_task(model_path, task)
     model.to(device).eval()
-    batches = calibration_batches(splits["train"], tokenizer, cfg.calib_samples, cfg.calib_batch_size,
-                                  cfg.max_length, cfg.seed, split_words=task == "token-classification")
+    if task == "causal-lm":  # random windows of the training text (SparseGPT's sampling), within the context
+        seqlen = min(cfg.max_length, context_length(model) or cfg.max_length)
+        batches = text_calibration_batches(splits["train"], tokenizer, cfg.calib_samples, cfg.calib_batch_size,
+                                           seqlen, cfg.seed)
+    else:
+        batches = calibration_batches(splits["train"], tokenizer, cfg.calib_samples, cfg.calib_batch_size,
+                                      cfg.max_length, cfg.seed, split_words=task == "token-classification")
     results: dict[str, Any] = {"config": asdict(cfg), "task": task, **_prune(model, batches, cfg, progress)}
     results.update(torch_threads=torch.get_num_threads(), cpu_count=os.cpu_count(), device=device_description(device))
     if cfg.evaluate:
