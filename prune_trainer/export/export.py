@@ -108,7 +108,8 @@ def export_pruned_model(
 
     ``format="dense"`` without ``quantize``: a plain `save_pretrained` folder (reloads with ``from_pretrained`` of
     the model's own class; GPT-2's `Conv1D` layers come back as `Conv1D`). ``format="bitmask" | "nm"`` and/or
-    ``quantize="int8"`` and/or ``embedding_rank`` (word embeddings as rank-r factors) or ``embedding_rows`` (keep only these vocabulary
+    ``quantize="int8"`` and/or ``embedding_rank`` (word embeddings as rank-r factors) or ``embedding_rows`` (keep
+    only these vocabulary
     rows, e.g. `used_token_ids` of the training data; the others load as the tokenizer's unknown token): a
     compressed checkpoint (`prune_trainer.export.compressed`; ``nm`` takes N:M from ``pattern``, default 2:4) that
     `load_pruned_model` rebuilds. ``embedding_quant`` ("int8" | "int4", default: ``quantize``) quantizes the word
