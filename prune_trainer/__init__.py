@@ -30,6 +30,7 @@ from prune_trainer.export import export_pruned_model, export_structured_model, l
 from prune_trainer.masking import MaskedLinear, inject_masked_layers, unwrap_masked_layers
 from prune_trainer.models import load_model_and_tokenizer
 from prune_trainer.oneshot.runner import OneShotConfig, run_oneshot
+from prune_trainer.oneshot.surgeon import SurgeonOptions
 from prune_trainer.options import Options
 from prune_trainer.schedules import PruningSchedule
 from prune_trainer.structures import find_structures
@@ -51,7 +52,7 @@ __all__ = [
     "MaskedLinear", "inject_masked_layers", "unwrap_masked_layers", "export_pruned_model", "sparsity_report",
     "export_structured_model", "load_pruned_model", "find_structures",
     # one-shot pruning
-    "OneShotConfig", "run_oneshot",
+    "OneShotConfig", "run_oneshot", "SurgeonOptions",
     # models and data
     "load_model_and_tokenizer", "load_conll_splits", "tokenize_and_align", "make_compute_metrics",
 ]

@@ -36,9 +36,18 @@ AUTHORS_REFERENCE: dict[str, dict[str, float]] = {
 }
 
 
-def setting_key(method: str, level: str, owl: bool, calib: int, seed: int = 0) -> str:
-    """``level`` is a sparsity like ``"0.7"`` or an N:M pattern like ``"2:4"``."""
-    return f"{method}|{level}|{'owl' if owl else 'uniform'}|n{calib}|s{seed}"
+def setting_key(method: str, level: str, owl: bool | str, calib: int, seed: int = 0) -> str:
+    """``level`` is a sparsity like ``"0.7"`` or an N:M pattern like ``"2:4"``; ``owl``: True/False (OWL or uniform
+    layer sparsity) or an LLM Surgeon allocation (``"global"`` / ``"uniform"``)."""
+    mode = owl if isinstance(owl, str) else ("owl" if owl else "uniform")
+    return f"{method}|{level}|{mode}|n{calib}|s{seed}"
+
+
+def _modes(method: str, owl_modes: list[bool], allocations: list[str]) -> list[bool | str]:
+    """The allocation modes of a method: OWL on/off for the layer-wise methods, LLM Surgeon's allocations."""
+    from prune_trainer.oneshot.surgeon import SURGEON_METHODS
+
+    return list(allocations) if method in SURGEON_METHODS else list(owl_modes)
 
 
 def run_grid(
@@ -52,10 +61,15 @@ def run_grid(
     owl_m: float = 1.0,
     seed: int = 0,
     done_keys: Iterable[str] = (),
+    options: dict[str, Any] | None = None,
+    allocations: tuple[str, ...] = ("global",),
+    tag: str = "",
 ) -> dict[str, Any]:
-    """Run every (calib, level, method, OWL) setting not yet in ``out_json`` nor in ``done_keys``.
+    """Run every (calib, level, method, OWL / allocation) setting not yet in ``out_json`` nor in ``done_keys``.
 
     Each finished setting is written to ``out_json`` at once (atomic rewrite), so an interrupted grid resumes.
+    ``options``: the methods' options (e.g. LLM Surgeon's ``shots``); LLM Surgeon methods run each of
+    ``allocations`` instead of the OWL modes; ``tag`` is appended to the method in the setting keys.
     """
     import torch
 
@@ -74,16 +88,18 @@ def run_grid(
     for calib in calibs:
         for level in levels:
             for method in methods:
-                for owl in owl_modes:
-                    if owl and ":" in level:
+                for owl in _modes(method, owl_modes, allocations):
+                    if owl is True and ":" in level:
                         continue
-                    key = setting_key(method, level, owl, calib, seed)
+                    key = setting_key(method + tag, level, owl, calib, seed)
                     if key in results or key in done:
                         continue
                     pattern = level if ":" in level else "unstructured"
                     sparsity = 0.0 if ":" in level else float(level)
-                    cfg = OneShotConfig(model=model, method=method, sparsity=sparsity, pattern=pattern, owl=owl,
-                                        owl_m=owl_m, calib_samples=calib, seed=seed, export=False)
+                    opts = {**(options or {}), **({"allocation": owl} if isinstance(owl, str) else {})}
+                    cfg = OneShotConfig(model=model, method=method, sparsity=sparsity, pattern=pattern,
+                                        owl=owl is True, owl_m=owl_m, calib_samples=calib, seed=seed, export=False,
+                                        options=opts)
                     res = run_oneshot(cfg, splits, progress=False)
                     res.pop("sparsity_per_layer", None)
                     res["finished_at"] = time.strftime("%Y-%m-%d %H:%M:%S")
@@ -246,7 +262,8 @@ def grid_command(args: argparse.Namespace) -> int:
     owl_modes = {"no": [False], "yes": [True], "both": [False, True]}[args.owl]
     run_grid(args.model, args.out, args.methods.split(","), args.sparsities.split(","), owl_modes,
              [int(c) for c in args.calib.split(",")], args.data_dir,
-             done_keys=[k for p in args.done if p.is_file() for k in json.loads(p.read_text())])
+             done_keys=[k for p in args.done if p.is_file() for k in json.loads(p.read_text())],
+             options=json.loads(args.options), allocations=tuple(args.allocations.split(",")), tag=args.tag)
     return 0
 
 
@@ -276,6 +293,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--data-dir")
     g.add_argument("--done", type=Path, nargs="*", default=[],
                    help="other grid JSONs whose settings count as done (not rerun)")
+    g.add_argument("--options", default="{}", help="the methods' options as JSON, e.g. '{\"shots\": 2}'")
+    g.add_argument("--allocations", default="global", help="LLM Surgeon methods: global,uniform")
+    g.add_argument("--tag", default="", help="appended to the method name in the setting keys")
     g.set_defaults(func=grid_command)
     t = sub.add_parser("oneshot-table", help="markdown table (Table 1 layout) from grid JSONs")
     t.add_argument("--json", type=Path, nargs="+", required=True, help="one or more grid JSONs (merged)")

@@ -19,7 +19,7 @@ from prune_trainer.oneshot.calibration import labelled_calibration_batches
 from prune_trainer.oneshot.kfac import collect_kfac, damped, plan_passes
 from prune_trainer.oneshot.runner import OneShotConfig
 from prune_trainer.oneshot.surgeon import SurgeonOptions, surgeon_prune
-from prune_trainer.structures import find_structures
+from prune_trainer.structures import find_structures, group_reduce, kept_groups
 
 D = torch.float64
 
@@ -252,7 +252,7 @@ def test_factors_over_the_memory_limit_fail_before_any_work(batches):
     assert plan_passes({"a": 10, "b": 30, "c": 25}, 50) == [["a", "b"], ["c"]]
 
 
-@pytest.mark.parametrize("variant", ["llm-surgeon", "k-obd", "structured-obs"])
+@pytest.mark.parametrize("variant", ["llm-surgeon", "k-obd", "structured-obs", "structured-magnitude"])
 def test_structures_remove_whole_heads_and_neurons(batches, variant):
     model = model4()
     report = surgeon_prune(model, batches, variant, 0.4, [], structures=["heads", "ffn"], progress=False,
@@ -271,6 +271,21 @@ def test_structures_remove_whole_heads_and_neurons(batches, variant):
         assert len(gone) == report.removed_groups[kind]
         removed += len(gone) * groups.weights_per_group
     assert report.removed_groups == {"heads": 2 * 2, "ffn": 2 * 26}  # per layer: round(0.4·4), round(0.4·64)
+
+
+def test_structured_magnitude_removes_the_smallest_groups_by_l2_norm(batches):
+    model = model4()
+    groups = find_structures(model).groups["ffn"]
+    norms = group_reduce(groups, {c.name: model.get_submodule(c.name).weight.detach() ** 2 for c in groups.linears})
+    for c in groups.linears:  # a neuron's bias entry goes with its row
+        if c.axis == 0:
+            norms.index_add_(0, c.group_ids, model.get_submodule(c.name).bias.detach() ** 2)
+    surgeon_prune(model, batches, "structured-magnitude", 0.25, [], structures=["ffn"], progress=False,
+                  options=SurgeonOptions(allocation="uniform"))
+    removed = ~kept_groups(groups, {c.name: model.get_submodule(c.name).weight for c in groups.linears})
+    for off, size in zip(groups.layer_offsets(), groups.sizes, strict=True):
+        expected = torch.argsort(norms[off : off + size])[: round(0.25 * size)]
+        assert set((torch.nonzero(removed[off : off + size]).view(-1)).tolist()) == set(expected.tolist())
 
 
 def test_cli_structured_export_reloads_smaller_and_equal(tiny_model_dir, conll_dir, tmp_path, capsys):

@@ -10,7 +10,8 @@ Removed weights stay removed in later shots.
 Methods (``variant``): ``llm-surgeon`` — costs with ``(G⊗A)⁻¹``, correlated updates (eq. 16, 27, 28);
 ``k-obd`` — KFAC-diagonal costs within the removed rows/columns/elements, no update (eq. 18, 23);
 ``structured-obs`` — ``F = I ⊗ A`` (the layer's ``XXᵀ`` only, no gradients): OBS costs and updates of the
-layer-wise reconstruction objective. Structures: unstructured elements, N:M groups of consecutive inputs, or coupled
+layer-wise reconstruction objective; ``structured-magnitude`` — ``F = I ⊗ I``: the squared L2 norm of what is removed,
+no update (no data used for the choice). Structures: unstructured elements, N:M groups of consecutive inputs, or coupled
 heads / FFN neurons (`prune_trainer.structures`: rows of one Linear with columns of the next, costed together).
 """
 
@@ -29,7 +30,9 @@ from prune_trainer.oneshot.kfac import KroneckerFactors, collect_kfac, damped, f
 from prune_trainer.options import Options
 from prune_trainer.structures import find_structures
 
-SURGEON_METHODS: tuple[str, ...] = ("llm-surgeon", "k-obd", "structured-obs")
+SURGEON_METHODS: tuple[str, ...] = ("llm-surgeon", "k-obd", "structured-obs", "structured-magnitude")
+NO_UPDATE = ("k-obd", "structured-magnitude")
+"""Variants that only zero what they remove (no correlated update)."""
 
 
 @dataclass
@@ -90,12 +93,14 @@ class _Layer:
     a_inv: torch.Tensor
 
 
-def _layer(lin: nn.Linear, f: KroneckerFactors, damp_a: float, damp_g: float) -> _Layer:
+def _layer(lin: nn.Linear, f: KroneckerFactors, damp_a: float, damp_g: float, variant: str) -> _Layer:
     W = lin.weight.detach().double()
     if lin.bias is not None:
         W = torch.cat([W, lin.bias.detach().double()[:, None]], 1)
     G = damped(f.g(), damp_g) if f.g_sum is not None else f.g()
     A = damped(f.a(), damp_a)
+    if variant == "structured-magnitude":
+        A = torch.eye(A.shape[0], dtype=A.dtype, device=A.device)
     g_inv, a_inv = ls.kron_inverse(G, A)
     return _Layer(W.to(A.device), G, A, g_inv, a_inv)
 
@@ -152,7 +157,7 @@ class _Elements:
 
     def costs(self, name: str, L: _Layer, variant: str) -> torch.Tensor:
         """Element costs of the weight (bias column excluded; removed ones −inf), on the CPU."""
-        if variant == "k-obd":
+        if variant in NO_UPDATE:
             cost = ls.element_costs_obd(L.W, L.G, L.A)
         else:
             cost = ls.element_costs(L.W, L.g_inv, L.a_inv)
@@ -174,7 +179,7 @@ class _Elements:
         none. Returns the new weight and the conjugate-gradient iterations."""
         prune = torch.zeros_like(L.W, dtype=torch.bool)
         prune[:, : self.linears[name].in_features] = self.pruned[name].to(L.W.device)
-        if variant == "k-obd":
+        if variant in NO_UPDATE:
             return L.W.masked_fill(prune, 0.0), 0
         W, G, A = (x.float() for x in (L.W, L.G, L.A))
         new, iters = ls.masked_update(W, G, A, prune, opts.cg_iters, opts.cg_tol)
@@ -206,12 +211,13 @@ class _Groups:
         """Costs ``[groups of the kind]`` of removing each group's rows/columns in this Linear (0 for other layers)."""
         kind, coupled = self.coupled[name]
         index, ids = ls.group_index(coupled.group_ids.to(L.W.device))
+        diag = variant in NO_UPDATE
         if coupled.axis == 0:
-            fn = ls.row_group_costs_obd if variant == "k-obd" else ls.row_group_costs
-            cost = fn(L.W, L.A, L.G if variant == "k-obd" else L.g_inv, index)
+            fn = ls.row_group_costs_obd if diag else ls.row_group_costs
+            cost = fn(L.W, L.A, L.G if diag else L.g_inv, index)
         else:
-            fn = ls.col_group_costs_obd if variant == "k-obd" else ls.col_group_costs
-            cost = fn(L.W, L.G, L.A if variant == "k-obd" else L.a_inv, index)
+            fn = ls.col_group_costs_obd if diag else ls.col_group_costs
+            cost = fn(L.W, L.G, L.A if diag else L.a_inv, index)
         out = torch.zeros(self.structures.groups[kind].num_groups, dtype=torch.float64)
         return out.index_put_((ids.cpu(),), cost.cpu())
 
@@ -253,7 +259,7 @@ class _Groups:
         """``[W | b]`` after removing the selected rows (eq. 27) or columns (eq. 28) together; K-OBD zeroes them."""
         lines = self.lines(name).to(L.W.device)
         axis = self.coupled[name][1].axis
-        if variant == "k-obd":
+        if variant in NO_UPDATE:
             W = L.W.clone()
             W.index_fill_(axis, lines, 0.0)
             return W, 0
@@ -273,7 +279,7 @@ def _shot(
 ) -> None:
     """One shot: curvature at the current weights, costs, selection up to ``frac``, updates (see module doc).
     With several passes the factors are collected again for the updates (before any weight changes)."""
-    with_g = variant != "structured-obs"
+    with_g = variant not in ("structured-obs", "structured-magnitude")
     held: dict[str, _Layer] = {}
     costs: dict[str, torch.Tensor] = {}
 
@@ -282,7 +288,7 @@ def _shot(
         factors = collect_kfac(model, batches, names, opts.labels, with_g, opts.seed)
         report.curvature_time_s += time.perf_counter() - t0
         report.n_tokens = next(iter(factors.values())).n
-        return {n: _layer(mode.linears[n], factors[n], opts.damp_a, damp_g) for n in names}
+        return {n: _layer(mode.linears[n], factors[n], opts.damp_a, damp_g, variant) for n in names}
 
     for names in passes:
         current = layers(names)
@@ -333,7 +339,7 @@ def surgeon_prune(
     start = time.perf_counter()
     mode = _Groups(model, structures, opts.allocation, opts.min_groups) if structures else _Elements(
         model, names, prunen, prunem, opts.allocation)
-    with_g = variant != "structured-obs"
+    with_g = variant not in ("structured-obs", "structured-magnitude")
     sizes = {n: factor_bytes(lin, with_g) for n, lin in mode.linears.items()}
     passes = plan_passes(sizes, int(opts.memory_limit_mib * 2**20))
     report = SurgeonReport(factor_mib=sum(sizes.values()) / 2**20, passes=len(passes))
