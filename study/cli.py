@@ -9,6 +9,7 @@ import sys
 
 from study.oneshot_grid import add_parsers as add_oneshot_parsers
 from study.reproduce import DEFAULT_PLAN
+from study.surgeon_structured import add_parsers as add_surgeon_parsers
 
 
 def _reproduce(args: argparse.Namespace) -> int:
@@ -52,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("results_dir", nargs="?", default="results")
     report.set_defaults(func=_report)
     add_oneshot_parsers(sub)
+    add_surgeon_parsers(sub)
     return parser
 
 
