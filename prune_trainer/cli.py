@@ -115,7 +115,8 @@ def _add_oneshot_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("oneshot", help="one-shot prune a fine-tuned model from calibration data, evaluate, export")
     p.add_argument("--model", required=True, help="fine-tuned model directory (or 'embedded')")
     p.add_argument("--method", default="sparsegpt",
-                   help="magnitude | wanda | sparsegpt | obs | llm-surgeon | k-obd | structured-obs")
+                   help="magnitude | wanda | sparsegpt | obs | llm-surgeon | k-obd | structured-obs | "
+                   "structured-magnitude")
     p.add_argument("--sparsity", type=float, default=0.5, help="target sparsity (mean over layers with --owl)")
     p.add_argument("--target", type=float, default=None, help="same as --sparsity (LLM Surgeon's name)")
     p.add_argument("--pattern", default="unstructured", help="'unstructured' or N:M like 2:4")
