@@ -201,6 +201,36 @@ def table_markdown(results: dict[str, Any], calib: int, reference: bool = False)
     return "\n".join(lines) + "\n"
 
 
+def surgeon_markdown(results: dict[str, Any], calib: int, base_calib: int) -> str:
+    """LLM Surgeon rows (uniform and global allocation, ``calib`` sentences) beside OBS and SparseGPT (uniform, at
+    ``calib`` when measured, and at ``base_calib``): F1 and whole-pipeline / solve times."""
+    dense = results.get("dense", {})
+    dense_f1 = dense.get("eval_f1")
+    lines = [
+        "# LLM Surgeon beside OBS and SparseGPT (CoNLL-2003 validation F1)", "",
+        f"Model: `{dense.get('model', '?')}`, dense F1 {_f(dense_f1, 4)}. Time = calibration + pruning wall time "
+        "(s), one torch thread; solve = the pruning math only (LLM Surgeon: costs, thresholds and updates, without "
+        "the curvature passes).", "",
+        "| level | method | allocation | calib | shots | F1 | % of dense | time (s) | solve (s) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    rows = []
+    for key, r in results.items():
+        if key == "dense":
+            continue
+        method, level, mode, n, _ = key.split("|")
+        if ("surgeon" in method and int(n[1:]) == calib) or (
+                method in ("obs", "sparsegpt") and mode == "uniform" and int(n[1:]) in (calib, base_calib)):
+            rows.append((level, method, mode, int(n[1:]), r))
+    for level, method, mode, n, r in sorted(rows, key=lambda x: (x[0], "surgeon" not in x[1], x[1], x[2], x[3])):
+        label = f"{float(level):.0%}" if ":" not in level else level
+        shots = ((r["config"].get("options") or {}).get("shots", 1)) if "surgeon" in method else "–"
+        rel = f"{r['eval_f1'] / dense_f1:.1%}" if dense_f1 else "–"
+        lines.append(f"| {label} | {method} | {mode} | {n} | {shots} | {r['eval_f1']:.4f} | {rel} "
+                     f"| {r['prune_time_s']:.1f} | {r['solve_time_s']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
 def samples_markdown(results: dict[str, Any], png: Path | None) -> str:
     """F1 against the number of calibration sentences for each (method, sparsity) measured."""
     series: dict[tuple[str, str], dict[int, float]] = {}
@@ -274,6 +304,13 @@ def table_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def surgeon_command(args: argparse.Namespace) -> int:
+    """``oneshot-surgeon-table``: LLM Surgeon beside OBS / SparseGPT from merged grid JSONs, keeping notes."""
+    text = surgeon_markdown(merge_results(args.json), args.calib, args.base_calib)
+    args.md.write_text(text + kept_notes(args.md))
+    return 0
+
+
 def samples_command(args: argparse.Namespace) -> int:
     """``oneshot-samples``: the F1-vs-calibration-sentences page (and figure), keeping its notes."""
     text = samples_markdown(merge_results(args.json), args.png)
@@ -304,6 +341,12 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--reference", action="store_true",
                    help="add the check against the authors' SparseGPT / Wanda code (1024-sentence settings)")
     t.set_defaults(func=table_command)
+    u = sub.add_parser("oneshot-surgeon-table", help="LLM Surgeon rows beside OBS and SparseGPT from grid JSONs")
+    u.add_argument("--json", type=Path, nargs="+", required=True, help="one or more grid JSONs (merged)")
+    u.add_argument("--md", type=Path, required=True)
+    u.add_argument("--calib", type=int, required=True, help="calibration sentences of the LLM Surgeon rows")
+    u.add_argument("--base-calib", type=int, default=4096, help="calibration sentences of the OBS/SparseGPT rows")
+    u.set_defaults(func=surgeon_command)
     s = sub.add_parser("oneshot-samples", help="F1 vs calibration sentences (markdown + figure) from grid JSONs")
     s.add_argument("--json", type=Path, nargs="+", required=True, help="one or more grid JSONs (merged)")
     s.add_argument("--md", type=Path, required=True)

@@ -61,6 +61,9 @@ def test_surgeon_settings_in_the_grid_and_the_structured_study(tmp_path, tokeniz
     res = json.loads(out.read_text())
     assert {setting_key("llm-surgeon", "0.5", a, 8) for a in ("global", "uniform")} <= set(res)
     assert res[setting_key("llm-surgeon", "0.5", "global", 8)]["config"]["options"]["allocation"] == "global"
+    md = tmp_path / "u.md"
+    assert main(["oneshot-surgeon-table", "--json", str(out), "--md", str(md), "--calib", "8"]) == 0
+    assert "| 50% | llm-surgeon | global | 8 | 1 |" in md.read_text()
     structured = tmp_path / "structured.json"
     assert main(["surgeon-structured", "--model", str(model_dir), "--out", str(structured), "--methods",
                  "llm-surgeon,structured-magnitude", "--targets", "0.3", "--shots", "1", "--calib", "8",
