@@ -197,6 +197,21 @@ def test_unstructured_sparsity_is_exact_uniform_and_global(batches):
             assert sum(zeros.values()) == round(0.6 * sum(sizes.values()))
 
 
+def test_global_allocation_respects_the_layer_cap(batches):
+    model = model4()
+    names = find_target_linears(model)
+    surgeon_prune(model, batches, "k-obd", 0.6, names, progress=False,
+                  options=SurgeonOptions(allocation="global", max_layer_sparsity=0.7, shots=2))
+    zeros = zeros_per_layer(model, names)
+    sizes = {n: model.get_submodule(n).weight.numel() for n in names}
+    assert sum(zeros.values()) == round(0.6 * sum(sizes.values()))
+    assert all(zeros[n] <= int(0.7 * sizes[n]) for n in names)
+    assert max(zeros[n] / sizes[n] for n in names) > 0.65  # the cap binds somewhere
+    with pytest.raises(ValueError, match="below the target"):
+        surgeon_prune(model, batches, "k-obd", 0.8, names, progress=False,
+                      options=SurgeonOptions(max_layer_sparsity=0.7))
+
+
 def test_nm_groups_and_monotone_shots(batches):
     model = model4()
     names = find_target_linears(model)

@@ -44,7 +44,8 @@ class SurgeonOptions(Options):
     the loss's labels for ``G`` (``empirical`` or ``sampled`` from the model); ``damp_a`` / ``damp_g``: damping
     fractions of the mean diagonal (``damp_g`` None: 0.1 structured, 0.01 otherwise — the paper's App. C.2);
     ``memory_limit_mib``: bound on the KFAC factors held at once; ``cg_iters`` / ``cg_tol``: the conjugate-gradient
-    solve of the unstructured correlated update; ``min_groups``: structures kept per layer and kind at least.
+    solve of the unstructured correlated update; ``min_groups``: structures kept per layer and kind at least;
+    ``max_layer_sparsity``: with global allocation of elements / N:M groups, no Linear is pruned beyond this.
     """
 
     section = "llm-surgeon options"
@@ -58,6 +59,7 @@ class SurgeonOptions(Options):
     cg_iters: int = 100
     cg_tol: float = 1e-4
     min_groups: int = 1
+    max_layer_sparsity: float = 1.0
     seed: int = 0
 
     def validate(self) -> None:
@@ -65,6 +67,8 @@ class SurgeonOptions(Options):
             raise ValueError(f"{self.section}: shots must be >= 1, got {self.shots}")
         if self.damp_a < 0 or (self.damp_g is not None and self.damp_g < 0):
             raise ValueError(f"{self.section}: damping must be >= 0, got damp_a={self.damp_a}, damp_g={self.damp_g}")
+        if not 0.0 < self.max_layer_sparsity <= 1.0:
+            raise ValueError(f"{self.section}: max_layer_sparsity must be in (0, 1], got {self.max_layer_sparsity}")
         if self.memory_limit_mib <= 0 or self.cg_iters < 0 or self.cg_tol < 0 or self.min_groups < 1:
             raise ValueError(f"{self.section}: memory_limit_mib > 0, cg_iters >= 0, cg_tol >= 0, min_groups >= 1")
 
@@ -130,10 +134,15 @@ def _nm_groups(cost: torch.Tensor, n: int, m: int) -> tuple[torch.Tensor, torch.
     return low.values.sum(-1), picks.view(cost.shape)
 
 
-def _select(costs: dict[str, torch.Tensor], frac: float, allocation: str) -> dict[str, torch.Tensor]:
-    """The ``round(frac·total)`` cheapest entries across all tensors (global) or of each tensor (uniform)."""
+def _select(
+    costs: dict[str, torch.Tensor], frac: float, allocation: str, cap: float = 1.0
+) -> dict[str, torch.Tensor]:
+    """The ``round(frac·total)`` cheapest entries across all tensors (global; at most ``floor(cap·size)`` of each)
+    or of each tensor (uniform)."""
     if allocation == "uniform":
         return {n: _take_lowest(c, int(round(frac * c.numel()))) for n, c in costs.items()}
+    if cap < 1.0:  # entries past a tensor's cap-th cheapest can never be chosen
+        costs = {n: c.masked_fill(~_take_lowest(c, int(cap * c.numel())), torch.inf) for n, c in costs.items()}
     flat = torch.cat([c.reshape(-1) for c in costs.values()])
     chosen = _take_lowest(flat, int(round(frac * flat.numel()))).split([c.numel() for c in costs.values()])
     return {n: pick.view(c.shape) for (n, c), pick in zip(costs.items(), chosen, strict=True)}
@@ -143,8 +152,11 @@ class _Elements:
     """Unstructured elements (``prunem = 0``) or N:M groups of ``prunem`` consecutive inputs of each row; removed
     elements get cost −inf, so later shots keep them (and an N:M group once chosen keeps its elements)."""
 
-    def __init__(self, model: nn.Module, names: list[str], prunen: int, prunem: int, allocation: str) -> None:
+    def __init__(
+        self, model: nn.Module, names: list[str], prunen: int, prunem: int, allocation: str, cap: float = 1.0
+    ) -> None:
         self.linears = {n: model.get_submodule(n) for n in names}
+        self.cap = cap
         self.pruned = {n: torch.zeros(lin.weight.shape, dtype=torch.bool) for n, lin in self.linears.items()}
         self.n, self.m, self.allocation = prunen, prunem, allocation
         for name, lin in self.linears.items():
@@ -166,11 +178,11 @@ class _Elements:
     def select(self, costs: dict[str, torch.Tensor], frac: float) -> None:
         """Remove the cheapest elements (N:M: whole groups) up to ``frac`` of all (global) or of each Linear."""
         if not self.m:
-            for name, pick in _select(costs, frac, self.allocation).items():
+            for name, pick in _select(costs, frac, self.allocation, self.cap).items():
                 self.pruned[name] |= pick
             return
         groups = {n: _nm_groups(c, self.n, self.m) for n, c in costs.items()}
-        picks = _select({n: g[0] for n, g in groups.items()}, frac, self.allocation)
+        picks = _select({n: g[0] for n, g in groups.items()}, frac, self.allocation, self.cap)
         for name, pick in picks.items():
             self.pruned[name] |= groups[name][1] & pick.repeat_interleave(self.m, dim=1)
 
@@ -337,8 +349,12 @@ def surgeon_prune(
     if not 0.0 <= sparsity < 1.0:
         raise ValueError(f"target sparsity must be in [0, 1), got {sparsity}")
     start = time.perf_counter()
+    target = 1.0 - prunen / prunem if prunem else sparsity
+    cap = 1.0 if prunem or structures else opts.max_layer_sparsity  # N:M ends with every group pruned
+    if cap < target:
+        raise ValueError(f"max_layer_sparsity {cap} is below the target sparsity {target}")
     mode = _Groups(model, structures, opts.allocation, opts.min_groups) if structures else _Elements(
-        model, names, prunen, prunem, opts.allocation)
+        model, names, prunen, prunem, opts.allocation, cap)
     with_g = variant not in ("structured-obs", "structured-magnitude")
     sizes = {n: factor_bytes(lin, with_g) for n, lin in mode.linears.items()}
     passes = plan_passes(sizes, int(opts.memory_limit_mib * 2**20))
@@ -347,7 +363,6 @@ def surgeon_prune(
     print(f"KFAC factors: {report.factor_mib:.1f} MiB for {len(sizes)} Linears (largest {largest}: "
           f"{sizes[largest] / 2**20:.1f} MiB); {len(passes)} calibration pass(es) per shot", flush=True)
     damp_g = opts.damp_g if opts.damp_g is not None else (0.1 if structures else 0.01)
-    target = 1.0 - prunen / prunem if prunem else sparsity
     for t in tqdm(range(1, opts.shots + 1), desc=f"{variant} shots", disable=not progress):
         frac = (t / opts.shots) if prunem else target * t / opts.shots
         _shot(model, batches, mode, passes, frac, variant, opts, damp_g, report)
