@@ -56,7 +56,7 @@ class SurgeonOptions(Options):
     damp_a: float = 0.01
     damp_g: float | None = None
     memory_limit_mib: float = 4096.0
-    cg_iters: int = 100
+    cg_iters: int = 50
     cg_tol: float = 1e-4
     min_groups: int = 1
     max_layer_sparsity: float = 1.0
