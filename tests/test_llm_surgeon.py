@@ -197,6 +197,16 @@ def test_unstructured_sparsity_is_exact_uniform_and_global(batches):
             assert sum(zeros.values()) == round(0.6 * sum(sizes.values()))
 
 
+def test_update_false_only_zeroes_the_removed_weights(batches):
+    model, reference = model4(), model4()
+    names = find_target_linears(model)
+    surgeon_prune(model, batches, "llm-surgeon", 0.5, names, progress=False, options=SurgeonOptions(update=False))
+    for n in names:
+        W, W0 = model.get_submodule(n).weight, reference.get_submodule(n).weight
+        assert torch.equal(W[W != 0], W0[W != 0])
+        assert torch.equal(model.get_submodule(n).bias, reference.get_submodule(n).bias)
+
+
 def test_global_allocation_respects_the_layer_cap(batches):
     model = model4()
     names = find_target_linears(model)

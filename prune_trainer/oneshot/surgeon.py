@@ -45,7 +45,8 @@ class SurgeonOptions(Options):
     fractions of the mean diagonal (``damp_g`` None: 0.1 structured, 0.01 otherwise — the paper's App. C.2);
     ``memory_limit_mib``: bound on the KFAC factors held at once; ``cg_iters`` / ``cg_tol``: the conjugate-gradient
     solve of the unstructured correlated update; ``min_groups``: structures kept per layer and kind at least;
-    ``max_layer_sparsity``: with global allocation of elements / N:M groups, no Linear is pruned beyond this.
+    ``max_layer_sparsity``: with global allocation of elements / N:M groups, no Linear is pruned beyond this;
+    ``update``: False zeroes what is removed without the correlated update (an ablation of ``llm-surgeon``).
     """
 
     section = "llm-surgeon options"
@@ -60,6 +61,7 @@ class SurgeonOptions(Options):
     cg_tol: float = 1e-4
     min_groups: int = 1
     max_layer_sparsity: float = 1.0
+    update: bool = True
     seed: int = 0
 
     def validate(self) -> None:
@@ -191,7 +193,7 @@ class _Elements:
         none. Returns the new weight and the conjugate-gradient iterations."""
         prune = torch.zeros_like(L.W, dtype=torch.bool)
         prune[:, : self.linears[name].in_features] = self.pruned[name].to(L.W.device)
-        if variant in NO_UPDATE:
+        if variant in NO_UPDATE or not opts.update:
             return L.W.masked_fill(prune, 0.0), 0
         W, G, A = (x.float() for x in (L.W, L.G, L.A))
         new, iters = ls.masked_update(W, G, A, prune, opts.cg_iters, opts.cg_tol)
@@ -271,7 +273,7 @@ class _Groups:
         """``[W | b]`` after removing the selected rows (eq. 27) or columns (eq. 28) together; K-OBD zeroes them."""
         lines = self.lines(name).to(L.W.device)
         axis = self.coupled[name][1].axis
-        if variant in NO_UPDATE:
+        if variant in NO_UPDATE or not opts.update:
             W = L.W.clone()
             W.index_fill_(axis, lines, 0.0)
             return W, 0
