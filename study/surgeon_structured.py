@@ -36,9 +36,11 @@ def _bench(model_dir: Path, dense: str, threads: int, seq_len: int) -> dict[str,
 
 def run_structured(
     model: str, out_json: Path, methods: list[str], targets: list[float], allocation: str, shots: int, calib: int,
-    data_dir: str | None = None, threads: int = 2, seq_len: int = 128,
+    data_dir: str | None = None, threads: int = 2, seq_len: int = 128, options: dict[str, Any] | None = None,
+    tag: str = "",
 ) -> dict[str, Any]:
-    """Run the missing (method, target) settings; see module doc."""
+    """Run the missing (method, target) settings; see module doc. ``options``: more `SurgeonOptions`; ``tag`` is
+    appended to the method in the keys."""
     import torch
 
     from prune_trainer.data.conll import load_conll_splits
@@ -51,13 +53,13 @@ def run_structured(
     splits = load_conll_splits(data_dir)
     for target in targets:
         for method in methods:
-            key = structured_key(method, target, allocation, shots, calib)
+            key = structured_key(method + tag, target, allocation, shots, calib)
             if key in results:
                 continue
             with tempfile.TemporaryDirectory() as tmp:
                 cfg = OneShotConfig(model=model, method=method, sparsity=target, structures=["heads", "ffn"],
                                     calib_samples=calib, output_dir=tmp,
-                                    options={"shots": shots, "allocation": allocation})
+                                    options={**(options or {}), "shots": shots, "allocation": allocation})
                 res = run_oneshot(cfg, splits, progress=False)
                 res.update(_bench(Path(tmp) / "model", model, threads, seq_len))
             res["config"]["output_dir"] = None
@@ -86,7 +88,8 @@ def structured_markdown(results: dict[str, Any], dense_f1: float | None) -> str:
 
 def _grid_command(args: argparse.Namespace) -> int:
     run_structured(args.model, args.out, args.methods.split(","), [float(t) for t in args.targets.split(",")],
-                   args.allocation, args.shots, args.calib, args.data_dir, args.threads, args.seq_len)
+                   args.allocation, args.shots, args.calib, args.data_dir, args.threads, args.seq_len,
+                   json.loads(args.options), args.tag)
     return 0
 
 
@@ -108,6 +111,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--calib", type=int, default=128)
     g.add_argument("--threads", type=int, default=2, help="torch threads of the latency benchmark")
     g.add_argument("--seq-len", type=int, default=128, help="sequence length of the latency benchmark")
+    g.add_argument("--options", default="{}", help="more SurgeonOptions as JSON, e.g. '{\"update\": false}'")
+    g.add_argument("--tag", default="", help="appended to the method name in the keys")
     g.add_argument("--data-dir")
     g.set_defaults(func=_grid_command)
     t = sub.add_parser("surgeon-structured-table", help="markdown page of a surgeon-structured JSON")
