@@ -124,7 +124,7 @@ def _add_oneshot_parser(sub: argparse._SubParsersAction) -> None:
                    help="unstructured | N:M | heads,ffn (coupled structures: LLM Surgeon methods only)")
     p.add_argument("--shots", type=int, default=None, help="LLM Surgeon: shots T, curvature recomputed each")
     p.add_argument("--allocation", choices=["global", "uniform"], default=None,
-                   help="LLM Surgeon: one cost threshold across layers (global, default) or per layer")
+                   help="LLM Surgeon: one cost threshold across layers (global) or per layer (uniform, default)")
     p.add_argument("--owl", action="store_true", help="OWL outlier-weighted layer-wise sparsity")
     p.add_argument("--owl-m", type=float, default=1.0, help="OWL outlier threshold M (default 1)")
     p.add_argument("--owl-lambda", type=float, default=None, help="bound layer sparsities to target ± lambda")

@@ -62,7 +62,7 @@ def run_grid(
     seed: int = 0,
     done_keys: Iterable[str] = (),
     options: dict[str, Any] | None = None,
-    allocations: tuple[str, ...] = ("global",),
+    allocations: tuple[str, ...] = ("uniform",),
     tag: str = "",
 ) -> dict[str, Any]:
     """Run every (calib, level, method, OWL / allocation) setting not yet in ``out_json`` nor in ``done_keys``.
@@ -331,7 +331,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--done", type=Path, nargs="*", default=[],
                    help="other grid JSONs whose settings count as done (not rerun)")
     g.add_argument("--options", default="{}", help="the methods' options as JSON, e.g. '{\"shots\": 2}'")
-    g.add_argument("--allocations", default="global", help="LLM Surgeon methods: global,uniform")
+    g.add_argument("--allocations", default="uniform", help="LLM Surgeon methods: uniform,global")
     g.add_argument("--tag", default="", help="appended to the method name in the setting keys")
     g.set_defaults(func=grid_command)
     t = sub.add_parser("oneshot-table", help="markdown table (Table 1 layout) from grid JSONs")

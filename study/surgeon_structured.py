@@ -106,7 +106,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--out", type=Path, required=True)
     g.add_argument("--methods", default="llm-surgeon,k-obd,structured-obs,structured-magnitude")
     g.add_argument("--targets", default="0.2,0.35,0.5")
-    g.add_argument("--allocation", choices=["global", "uniform"], default="global")
+    g.add_argument("--allocation", choices=["global", "uniform"], default="uniform")
     g.add_argument("--shots", type=int, default=4)
     g.add_argument("--calib", type=int, default=128)
     g.add_argument("--threads", type=int, default=2, help="torch threads of the latency benchmark")

@@ -72,4 +72,4 @@ def test_surgeon_settings_in_the_grid_and_the_structured_study(tmp_path, tokeniz
     assert len(rows) == 2 and all(r["params"] < r["dense_params"] for r in rows.values())
     md = tmp_path / "s.md"
     assert main(["surgeon-structured-table", "--json", str(structured), "--md", str(md), "--dense-f1", "0.5"]) == 0
-    assert "| 30% | llm-surgeon | global | 1 | 8 |" in md.read_text()
+    assert "| 30% | llm-surgeon | uniform | 1 | 8 |" in md.read_text()

@@ -52,7 +52,7 @@ class SurgeonOptions(Options):
     section = "llm-surgeon options"
 
     shots: int = 1
-    allocation: Literal["global", "uniform"] = "global"
+    allocation: Literal["global", "uniform"] = "uniform"
     labels: Literal["empirical", "sampled"] = "empirical"
     damp_a: float = 0.01
     damp_g: float | None = None
