@@ -56,6 +56,7 @@ from prune_trainer.masking import (
 )
 from prune_trainer.models import load_model_and_tokenizer
 from prune_trainer.oneshot.runner import OneShotConfig, run_oneshot
+from prune_trainer.oneshot.surgeon import SurgeonOptions
 from prune_trainer.options import Options
 from prune_trainer.recipes.lottery import LotteryConfig, run_lottery
 from prune_trainer.schedules import PruningSchedule
@@ -82,7 +83,7 @@ __all__ = [
     # deployment: compressed checkpoints, ONNX Runtime
     "convert_checkpoint", "export_onnx", "quantize_onnx_int8", "OrtTokenClassifier",
     # one-shot pruning
-    "OneShotConfig", "run_oneshot",
+    "OneShotConfig", "run_oneshot", "SurgeonOptions",
     # model families and tasks
     "MODEL_FAMILIES", "ModelFamily", "TASKS", "load_model_for_task",
     # lottery tickets (iterative magnitude pruning with rewinding)

@@ -122,20 +122,36 @@ def _oneshot(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     model_tag = args.model if args.model in ("embedded", "embedded-llm") else Path(args.model.rstrip("/\\")).name
+    pattern, structures = _structure_args(args)
+    sparsity = args.target if args.target is not None else args.sparsity
+    options = {k: v for k, v in (("shots", args.shots), ("allocation", args.allocation)) if v is not None}
+    level = "-".join(structures) if structures else pattern.replace(":", "of")
     cfg = OneShotConfig(
-        model=args.model, method=args.method, sparsity=args.sparsity, pattern=args.pattern, owl=args.owl,
+        model=args.model, method=args.method, sparsity=sparsity, pattern=pattern, owl=args.owl,
         owl_m=args.owl_m, owl_lambda=args.owl_lambda, calib_samples=args.calib_samples, seed=args.seed,
         pruned_inputs=not args.dense_inputs, data_dir=args.data_dir, evaluate=not args.no_eval, device=args.device,
         task=args.task, targets=args.targets, eval_file=args.eval_file, max_length=args.max_length,
-        calib_batch_size=args.calib_batch_size,
-        output_dir=args.output_dir or f"results/oneshot/{model_tag}_{args.method}_{args.pattern.replace(':', 'of')}"
-        f"_{args.sparsity}{'_owl' if args.owl else ''}_n{args.calib_samples}_seed{args.seed}",
+        calib_batch_size=args.calib_batch_size, options=options, structures=structures,
+        output_dir=args.output_dir or f"results/oneshot/{model_tag}_{args.method}_{level}"
+        f"_{sparsity}{'_owl' if args.owl else ''}_n{args.calib_samples}_seed{args.seed}",
     )
     res = run_oneshot(cfg)
     metrics = {k: v for k, v in res.items() if k.startswith("eval_") and not k.endswith(("_s", "_sentences"))}
     summary = {"task": res["task"], **metrics, **{k: res.get(k) for k in ("sparsity", "prune_time_s", "solve_time_s")}}
     print(json.dumps({"output_dir": cfg.output_dir, **summary}))
     return 0
+
+
+def _structure_args(args: argparse.Namespace) -> tuple[str, list[str]]:
+    """``--structure`` (``unstructured``, ``N:M`` or ``heads,ffn``) → ``(pattern, structures)``; without it,
+    ``--pattern``. Both given and different is an error."""
+    if args.structure is None:
+        return args.pattern, []
+    if args.pattern != "unstructured" and args.pattern != args.structure:
+        raise ValueError(f"--structure {args.structure!r} and --pattern {args.pattern!r} disagree; give one")
+    if args.structure == "unstructured" or ":" in args.structure:
+        return args.structure, []
+    return "unstructured", [s.strip() for s in args.structure.split(",") if s.strip()]
 
 
 def _add_oneshot_parser(sub: argparse._SubParsersAction) -> None:
@@ -148,9 +164,17 @@ def _add_oneshot_parser(sub: argparse._SubParsersAction) -> None:
                    help="regexes of the Linear names to prune (default: the model family's preset)")
     p.add_argument("--eval-file", help="sequence classification: JSON Lines of {text, label} to measure accuracy on; "
                    "causal LM: a text file for the perplexity (default: the CoNLL-2003 validation text)")
-    p.add_argument("--method", default="sparsegpt", help="magnitude | wanda | sparsegpt | obs")
+    p.add_argument("--method", default="sparsegpt",
+                   help="magnitude | wanda | sparsegpt | obs | llm-surgeon | k-obd | structured-obs | "
+                   "structured-magnitude")
     p.add_argument("--sparsity", type=float, default=0.5, help="target sparsity (mean over layers with --owl)")
+    p.add_argument("--target", type=float, default=None, help="same as --sparsity (LLM Surgeon's name)")
     p.add_argument("--pattern", default="unstructured", help="'unstructured' or N:M like 2:4")
+    p.add_argument("--structure", default=None,
+                   help="unstructured | N:M | heads,ffn (coupled structures: LLM Surgeon methods only)")
+    p.add_argument("--shots", type=int, default=None, help="LLM Surgeon: shots T, curvature recomputed each")
+    p.add_argument("--allocation", choices=["global", "uniform"], default=None,
+                   help="LLM Surgeon: one cost threshold across layers (global) or per layer (uniform, default)")
     p.add_argument("--owl", action="store_true", help="OWL outlier-weighted layer-wise sparsity")
     p.add_argument("--owl-m", type=float, default=1.0, help="OWL outlier threshold M (default 1)")
     p.add_argument("--owl-lambda", type=float, default=None, help="bound layer sparsities to target ± lambda")

@@ -10,6 +10,7 @@ import sys
 from study.bench_runs import add_parser as add_bench_runs_parser
 from study.oneshot_grid import add_parsers as add_oneshot_parsers
 from study.reproduce import DEFAULT_PLAN
+from study.surgeon_structured import add_parsers as add_surgeon_parsers
 
 
 def _reproduce(args: argparse.Namespace) -> int:
@@ -64,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     lottery.set_defaults(func=_lottery_report)
     add_oneshot_parsers(sub)
     add_bench_runs_parser(sub)
+    add_surgeon_parsers(sub)
     return parser
 
 

@@ -36,9 +36,18 @@ AUTHORS_REFERENCE: dict[str, dict[str, float]] = {
 }
 
 
-def setting_key(method: str, level: str, owl: bool, calib: int, seed: int = 0) -> str:
-    """``level`` is a sparsity like ``"0.7"`` or an N:M pattern like ``"2:4"``."""
-    return f"{method}|{level}|{'owl' if owl else 'uniform'}|n{calib}|s{seed}"
+def setting_key(method: str, level: str, owl: bool | str, calib: int, seed: int = 0) -> str:
+    """``level`` is a sparsity like ``"0.7"`` or an N:M pattern like ``"2:4"``; ``owl``: True/False (OWL or uniform
+    layer sparsity) or an LLM Surgeon allocation (``"global"`` / ``"uniform"``)."""
+    mode = owl if isinstance(owl, str) else ("owl" if owl else "uniform")
+    return f"{method}|{level}|{mode}|n{calib}|s{seed}"
+
+
+def _modes(method: str, owl_modes: list[bool], allocations: list[str]) -> list[bool | str]:
+    """The allocation modes of a method: OWL on/off for the layer-wise methods, LLM Surgeon's allocations."""
+    from prune_trainer.oneshot.surgeon import SURGEON_METHODS
+
+    return list(allocations) if method in SURGEON_METHODS else list(owl_modes)
 
 
 def run_grid(
@@ -52,10 +61,15 @@ def run_grid(
     owl_m: float = 1.0,
     seed: int = 0,
     done_keys: Iterable[str] = (),
+    options: dict[str, Any] | None = None,
+    allocations: tuple[str, ...] = ("uniform",),
+    tag: str = "",
 ) -> dict[str, Any]:
-    """Run every (calib, level, method, OWL) setting not yet in ``out_json`` nor in ``done_keys``.
+    """Run every (calib, level, method, OWL / allocation) setting not yet in ``out_json`` nor in ``done_keys``.
 
     Each finished setting is written to ``out_json`` at once (atomic rewrite), so an interrupted grid resumes.
+    ``options``: the methods' options (e.g. LLM Surgeon's ``shots``); LLM Surgeon methods run each of
+    ``allocations`` instead of the OWL modes; ``tag`` is appended to the method in the setting keys.
     """
     import torch
 
@@ -74,16 +88,18 @@ def run_grid(
     for calib in calibs:
         for level in levels:
             for method in methods:
-                for owl in owl_modes:
-                    if owl and ":" in level:
+                for owl in _modes(method, owl_modes, allocations):
+                    if owl is True and ":" in level:
                         continue
-                    key = setting_key(method, level, owl, calib, seed)
+                    key = setting_key(method + tag, level, owl, calib, seed)
                     if key in results or key in done:
                         continue
                     pattern = level if ":" in level else "unstructured"
                     sparsity = 0.0 if ":" in level else float(level)
-                    cfg = OneShotConfig(model=model, method=method, sparsity=sparsity, pattern=pattern, owl=owl,
-                                        owl_m=owl_m, calib_samples=calib, seed=seed, export=False)
+                    opts = {**(options or {}), **({"allocation": owl} if isinstance(owl, str) else {})}
+                    cfg = OneShotConfig(model=model, method=method, sparsity=sparsity, pattern=pattern,
+                                        owl=owl is True, owl_m=owl_m, calib_samples=calib, seed=seed, export=False,
+                                        options=opts)
                     res = run_oneshot(cfg, splits, progress=False)
                     res.pop("sparsity_per_layer", None)
                     res["finished_at"] = time.strftime("%Y-%m-%d %H:%M:%S")
@@ -185,6 +201,36 @@ def table_markdown(results: dict[str, Any], calib: int, reference: bool = False)
     return "\n".join(lines) + "\n"
 
 
+def surgeon_markdown(results: dict[str, Any], calib: int, base_calib: int) -> str:
+    """LLM Surgeon rows (uniform and global allocation, ``calib`` sentences) beside OBS and SparseGPT (uniform, at
+    ``calib`` when measured, and at ``base_calib``): F1 and whole-pipeline / solve times."""
+    dense = results.get("dense", {})
+    dense_f1 = dense.get("eval_f1")
+    lines = [
+        "# LLM Surgeon beside OBS and SparseGPT (CoNLL-2003 validation F1)", "",
+        f"Model: `{dense.get('model', '?')}`, dense F1 {_f(dense_f1, 4)}. Time = calibration + pruning wall time "
+        "(s), one torch thread; solve = the pruning math only (LLM Surgeon: costs, thresholds and updates, without "
+        "the curvature passes).", "",
+        "| level | method | allocation | calib | shots | F1 | % of dense | time (s) | solve (s) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    rows = []
+    for key, r in results.items():
+        if key == "dense":
+            continue
+        method, level, mode, n, _ = key.split("|")
+        if ("surgeon" in method and int(n[1:]) == calib) or (
+                method in ("obs", "sparsegpt") and mode == "uniform" and int(n[1:]) in (calib, base_calib)):
+            rows.append((level, method, mode, int(n[1:]), r))
+    for level, method, mode, n, r in sorted(rows, key=lambda x: (x[0], "surgeon" not in x[1], x[1], x[2], x[3])):
+        label = f"{float(level):.0%}" if ":" not in level else level
+        shots = ((r["config"].get("options") or {}).get("shots", 1)) if "surgeon" in method else "–"
+        rel = f"{r['eval_f1'] / dense_f1:.1%}" if dense_f1 else "–"
+        lines.append(f"| {label} | {method} | {mode} | {n} | {shots} | {r['eval_f1']:.4f} | {rel} "
+                     f"| {r['prune_time_s']:.1f} | {r['solve_time_s']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
 def samples_markdown(results: dict[str, Any], png: Path | None) -> str:
     """F1 against the number of calibration sentences for each (method, sparsity) measured."""
     series: dict[tuple[str, str], dict[int, float]] = {}
@@ -246,13 +292,21 @@ def grid_command(args: argparse.Namespace) -> int:
     owl_modes = {"no": [False], "yes": [True], "both": [False, True]}[args.owl]
     run_grid(args.model, args.out, args.methods.split(","), args.sparsities.split(","), owl_modes,
              [int(c) for c in args.calib.split(",")], args.data_dir,
-             done_keys=[k for p in args.done if p.is_file() for k in json.loads(p.read_text())])
+             done_keys=[k for p in args.done if p.is_file() for k in json.loads(p.read_text())],
+             options=json.loads(args.options), allocations=tuple(args.allocations.split(",")), tag=args.tag)
     return 0
 
 
 def table_command(args: argparse.Namespace) -> int:
     """``oneshot-table``: the Table 1 page from the merged grid JSONs, keeping its hand-written notes."""
     text = table_markdown(merge_results(args.json), args.calib, args.reference)
+    args.md.write_text(text + kept_notes(args.md))
+    return 0
+
+
+def surgeon_command(args: argparse.Namespace) -> int:
+    """``oneshot-surgeon-table``: LLM Surgeon beside OBS / SparseGPT from merged grid JSONs, keeping notes."""
+    text = surgeon_markdown(merge_results(args.json), args.calib, args.base_calib)
     args.md.write_text(text + kept_notes(args.md))
     return 0
 
@@ -276,6 +330,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--data-dir")
     g.add_argument("--done", type=Path, nargs="*", default=[],
                    help="other grid JSONs whose settings count as done (not rerun)")
+    g.add_argument("--options", default="{}", help="the methods' options as JSON, e.g. '{\"shots\": 2}'")
+    g.add_argument("--allocations", default="uniform", help="LLM Surgeon methods: uniform,global")
+    g.add_argument("--tag", default="", help="appended to the method name in the setting keys")
     g.set_defaults(func=grid_command)
     t = sub.add_parser("oneshot-table", help="markdown table (Table 1 layout) from grid JSONs")
     t.add_argument("--json", type=Path, nargs="+", required=True, help="one or more grid JSONs (merged)")
@@ -284,6 +341,12 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--reference", action="store_true",
                    help="add the check against the authors' SparseGPT / Wanda code (1024-sentence settings)")
     t.set_defaults(func=table_command)
+    u = sub.add_parser("oneshot-surgeon-table", help="LLM Surgeon rows beside OBS and SparseGPT from grid JSONs")
+    u.add_argument("--json", type=Path, nargs="+", required=True, help="one or more grid JSONs (merged)")
+    u.add_argument("--md", type=Path, required=True)
+    u.add_argument("--calib", type=int, required=True, help="calibration sentences of the LLM Surgeon rows")
+    u.add_argument("--base-calib", type=int, default=4096, help="calibration sentences of the OBS/SparseGPT rows")
+    u.set_defaults(func=surgeon_command)
     s = sub.add_parser("oneshot-samples", help="F1 vs calibration sentences (markdown + figure) from grid JSONs")
     s.add_argument("--json", type=Path, nargs="+", required=True, help="one or more grid JSONs (merged)")
     s.add_argument("--md", type=Path, required=True)

@@ -46,3 +46,30 @@ def test_grid_table_and_samples(tmp_path, model, tokenizer, conll_dir):
     smd, png = tmp_path / "s.md", tmp_path / "s.png"
     assert main(["oneshot-samples", "--json", str(out), "--md", str(smd), "--png", str(png)]) == 0
     assert "| sparsegpt | 50% |" in smd.read_text() and png.stat().st_size > 0
+
+
+def test_surgeon_settings_in_the_grid_and_the_structured_study(tmp_path, tokenizer, conll_dir):
+    from helpers import tiny_bert
+
+    model_dir = tmp_path / "m"
+    tiny_bert(num_attention_heads=4, intermediate_size=64).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    out = tmp_path / "surgeon.json"
+    assert main(["oneshot-grid", "--model", str(model_dir), "--out", str(out), "--methods", "llm-surgeon",
+                 "--sparsities", "0.5", "--allocations", "global,uniform", "--options", '{"cg_iters": 5}',
+                 "--calib", "8", "--data-dir", str(conll_dir)]) == 0
+    res = json.loads(out.read_text())
+    assert {setting_key("llm-surgeon", "0.5", a, 8) for a in ("global", "uniform")} <= set(res)
+    assert res[setting_key("llm-surgeon", "0.5", "global", 8)]["config"]["options"]["allocation"] == "global"
+    md = tmp_path / "u.md"
+    assert main(["oneshot-surgeon-table", "--json", str(out), "--md", str(md), "--calib", "8"]) == 0
+    assert "| 50% | llm-surgeon | global | 8 | 1 |" in md.read_text()
+    structured = tmp_path / "structured.json"
+    assert main(["surgeon-structured", "--model", str(model_dir), "--out", str(structured), "--methods",
+                 "llm-surgeon,structured-magnitude", "--targets", "0.3", "--shots", "1", "--calib", "8",
+                 "--threads", "1", "--seq-len", "16", "--data-dir", str(conll_dir)]) == 0
+    rows = json.loads(structured.read_text())
+    assert len(rows) == 2 and all(r["params"] < r["dense_params"] for r in rows.values())
+    md = tmp_path / "s.md"
+    assert main(["surgeon-structured-table", "--json", str(structured), "--md", str(md), "--dense-f1", "0.5"]) == 0
+    assert "| 30% | llm-surgeon | uniform | 1 | 8 |" in md.read_text()

@@ -87,6 +87,36 @@ def calibration_batches(
     return batches
 
 
+def labelled_calibration_batches(
+    sentences: list[Sentence],
+    tokenizer: Any,
+    n_samples: int,
+    batch_size: int = 32,
+    max_length: int = 128,
+    seed: int = 0,
+) -> list[dict[str, torch.Tensor]]:
+    """The same ``n_samples`` sentences as `calibration_batches` (same seed, same length-sorted batches), with
+    ``labels`` aligned to the first sub-token of each word (-100 elsewhere and on padding), for methods that
+    back-propagate the model's loss (KFAC curvature)."""
+    from transformers import DataCollatorForTokenClassification
+
+    from prune_trainer.data.tokenize import tokenize_and_align
+
+    batches = calibration_batches(sentences, tokenizer, n_samples, batch_size, max_length, seed)  # checks args
+    chosen = random.Random(seed).sample(range(len(sentences)), n_samples)
+    chosen.sort(key=lambda j: len(sentences[j].tokens))
+    data = tokenize_and_align([sentences[j] for j in chosen], tokenizer, max_length)
+    collate = DataCollatorForTokenClassification(tokenizer)
+    out = []
+    for start, batch in zip(range(0, n_samples, batch_size), batches, strict=True):
+        rows = [data[i] for i in range(start, min(start + batch_size, n_samples))]
+        labelled = dict(collate(rows))
+        if labelled["input_ids"].shape != batch["input_ids"].shape:
+            raise ValueError("labelled calibration batches do not match the unlabelled ones")
+        out.append(labelled)
+    return out
+
+
 def model_device(model: nn.Module) -> torch.device:
     """The device of the model's parameters (calibration batches and statistics go there)."""
     return next(model.parameters()).device

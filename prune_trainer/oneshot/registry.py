@@ -35,7 +35,11 @@ ONESHOT_METHODS: dict[str, OneShotMethod] = {
 
 def get_method(name: str) -> OneShotMethod:
     if name not in ONESHOT_METHODS:
-        raise ValueError(f"unknown one-shot method {name!r}; choose one of {sorted(ONESHOT_METHODS)}")
+        from prune_trainer.oneshot.surgeon import SURGEON_METHODS
+
+        raise ValueError(
+            f"unknown one-shot method {name!r}; choose one of {sorted(ONESHOT_METHODS) + list(SURGEON_METHODS)}"
+        )
     return ONESHOT_METHODS[name]
 
 

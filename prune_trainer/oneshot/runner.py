@@ -23,11 +23,18 @@ from prune_trainer.io import atomic_write_json
 from prune_trainer.llm.models import context_length
 from prune_trainer.masking.inject import DEFAULT_EXCLUDE, find_target_linears
 from prune_trainer.masking.selection import check_sparsity, parse_pattern
-from prune_trainer.oneshot.calibration import calibration_batches, prune_sequential, wanda_outlier_ratios
+from prune_trainer.oneshot.calibration import (
+    calibration_batches,
+    labelled_calibration_batches,
+    prune_sequential,
+    wanda_outlier_ratios,
+)
 from prune_trainer.oneshot.evaluation import check_evaluation, evaluate_task
 from prune_trainer.oneshot.owl import owl_sparsities
 from prune_trainer.oneshot.registry import get_method
+from prune_trainer.oneshot.surgeon import SURGEON_METHODS, SurgeonOptions, surgeon_prune
 from prune_trainer.options import Options, unknown_key_error
+from prune_trainer.structures import STRUCTURE_KINDS
 from prune_trainer.tasks import check_task, load_model_for_task, task_of
 
 RESULTS_FILE = "results.json"
@@ -40,7 +47,10 @@ class OneShotConfig(Options):
     ``options``: keyword options of the method's pruner (e.g. ``{"percdamp": 0.01, "lazy": 64}`` for OBS; an
     unknown key is an error naming the pruner's options). ``task``: None (from the checkpoint's architectures) or a
     `TASKS` name; ``targets``/``exclude``: regexes (None: the family preset, `MODEL_FAMILIES`); ``eval_file``: the
-    labelled texts (JSON Lines) a sequence-classification model is evaluated on."""
+    labelled texts (JSON Lines) a sequence-classification model is evaluated on. For ``llm-surgeon`` / ``k-obd`` /
+    ``structured-obs``, ``options`` are `SurgeonOptions` (e.g. ``{"shots": 5, "allocation": "global"}``) and
+    ``structures``: ``["heads", "ffn"]`` (or one of them) prunes those coupled structures instead of elements
+    (``sparsity`` is then the fraction of their weights removed; the export is the physically smaller model)."""
 
     section = "one-shot config"
 
@@ -67,24 +77,44 @@ class OneShotConfig(Options):
     targets: list[str] | None = None
     exclude: list[str] | None = None
     eval_file: str | None = None
+    structures: list[str] = field(default_factory=list)
 
     def validate(self) -> None:
-        method = get_method(self.method)
-        params = inspect.signature(method.prune).parameters
-        allowed = [n for n, p in params.items() if p.kind is p.KEYWORD_ONLY or (
-            p.default is not p.empty and n not in ("prunen", "prunem"))]
-        unknown = set(self.options) - set(allowed)
-        if unknown:
-            raise unknown_key_error(f"{self.method} pruner options", unknown, allowed)
+        nm = parse_pattern(self.pattern)
+        if self.method in SURGEON_METHODS:
+            self._validate_surgeon(nm)
+        else:
+            self._validate_layer_method()
         resolve_device(self.device)
         check_task(self.task)
-        nm = parse_pattern(self.pattern)
         if nm is None:
             check_sparsity(self.sparsity)
         if self.owl and nm is not None:
             raise ValueError(f"OWL allocates unstructured sparsity; cannot combine it with pattern {self.pattern!r}")
         if self.calib_samples <= 0:
             raise ValueError(f"calib_samples must be positive, got {self.calib_samples}")
+
+    def _validate_surgeon(self, nm: tuple[int, int] | None) -> None:
+        SurgeonOptions.from_dict(self.options)  # unknown keys and bad values name the options
+        if set(self.structures) - set(STRUCTURE_KINDS):
+            raise ValueError(f"structures must be among {list(STRUCTURE_KINDS)}, got {self.structures}")
+        if self.structures and nm is not None:
+            raise ValueError(f"structures {self.structures} and pattern {self.pattern!r} exclude each other")
+        if self.owl:
+            raise ValueError(f"{self.method} allocates sparsity itself (options.allocation); OWL does not apply")
+        if self.task not in (None, "token-classification"):
+            raise ValueError(f"{self.method} needs labelled token-classification batches; task {self.task!r} is not")
+
+    def _validate_layer_method(self) -> None:
+        method = get_method(self.method)
+        if self.structures:
+            raise ValueError(f"structures {self.structures} need an LLM Surgeon method {list(SURGEON_METHODS)}")
+        params = inspect.signature(method.prune).parameters
+        allowed = [n for n, p in params.items() if p.kind is p.KEYWORD_ONLY or (
+            p.default is not p.empty and n not in ("prunen", "prunem"))]
+        unknown = set(self.options) - set(allowed)
+        if unknown:
+            raise unknown_key_error(f"{self.method} pruner options", unknown, allowed)
 
 
 def run_oneshot(
@@ -102,26 +132,30 @@ def run_oneshot(
     task = task_of(config, cfg.task, cfg.model)
     if task == "token-classification":
         check_model_labels(config, cfg.model, require_token_head=True)
+    elif cfg.method in SURGEON_METHODS:
+        raise ValueError(f"{cfg.method} needs a token-classification checkpoint (labelled CoNLL batches); got {task}")
     if cfg.evaluate:
         check_evaluation(task, cfg)
     splits = splits if splits is not None else load_conll_splits(cfg.data_dir)
     device = resolve_device(cfg.device)
     model, tokenizer, _ = load_model_for_task(model_path, task)
     model.to(device).eval()
-    if task == "causal-lm":  # random windows of the training text (SparseGPT's sampling), within the context
-        seqlen = min(cfg.max_length, context_length(model) or cfg.max_length)
-        batches = text_calibration_batches(splits["train"], tokenizer, cfg.calib_samples, cfg.calib_batch_size,
-                                           seqlen, cfg.seed)
+    if cfg.method in SURGEON_METHODS:
+        pruned = _prune_surgeon(model, tokenizer, splits, cfg, progress)
     else:
-        batches = calibration_batches(splits["train"], tokenizer, cfg.calib_samples, cfg.calib_batch_size,
-                                      cfg.max_length, cfg.seed, split_words=task == "token-classification")
-    results: dict[str, Any] = {"config": asdict(cfg), "task": task, **_prune(model, batches, cfg, progress)}
+        pruned = _prune(model, _calibration(model, tokenizer, splits, task, cfg), cfg, progress)
+    results: dict[str, Any] = {"config": asdict(cfg), "task": task, **pruned}
     results.update(torch_threads=torch.get_num_threads(), cpu_count=os.cpu_count(), device=device_description(device))
     if cfg.evaluate:
         results.update(evaluate_task(task, model, tokenizer, splits, cfg))
     if cfg.output_dir:
         out = Path(cfg.output_dir)
-        if cfg.export:
+        if cfg.export and cfg.structures:  # the physically smaller model
+            from prune_trainer.export.structured import export_structured_model
+
+            results["sparsity"] = _measured_sparsity(model, cfg)
+            results["structure"] = export_structured_model(model, out / "model", tokenizer)
+        elif cfg.export:
             sp = export_pruned_model(model, out / "model", tokenizer, method=cfg.method, pattern=cfg.pattern,
                                      config=asdict(cfg), layer_names=_target_names(model, cfg))
             results["sparsity"] = sp["global_sparsity"]
@@ -130,6 +164,42 @@ def run_oneshot(
     if "sparsity" not in results:
         results["sparsity"] = _measured_sparsity(model, cfg)
     return results
+
+
+def _calibration(model: torch.nn.Module, tokenizer: Any, splits: dict[str, list[Sentence]], task: str,
+                 cfg: OneShotConfig) -> list[dict[str, torch.Tensor]]:
+    """Calibration batches: random windows of the training text for a causal LM (SparseGPT's sampling, within
+    the model's context), else sentences of the training split."""
+    if task == "causal-lm":
+        seqlen = min(cfg.max_length, context_length(model) or cfg.max_length)
+        return text_calibration_batches(splits["train"], tokenizer, cfg.calib_samples, cfg.calib_batch_size,
+                                        seqlen, cfg.seed)
+    return calibration_batches(splits["train"], tokenizer, cfg.calib_samples, cfg.calib_batch_size,
+                               cfg.max_length, cfg.seed, split_words=task == "token-classification")
+
+
+def _prune_surgeon(
+    model: torch.nn.Module, tokenizer: Any, splits: dict[str, list[Sentence]], cfg: OneShotConfig, progress: bool
+) -> dict[str, Any]:
+    """LLM Surgeon and its baselines (`surgeon_prune`) from labelled calibration batches."""
+    nm = parse_pattern(cfg.pattern)
+    prunen, prunem = nm if nm else (0, 0)
+    start = time.perf_counter()
+    batches = labelled_calibration_batches(
+        splits["train"], tokenizer, cfg.calib_samples, cfg.calib_batch_size, cfg.max_length, cfg.seed
+    )
+    opts = SurgeonOptions.from_dict(cfg.options)
+    report = surgeon_prune(model, batches, cfg.method, cfg.sparsity, _target_names(model, cfg), prunen, prunem,
+                           cfg.structures or None, opts, progress)
+    return {
+        "prune_time_s": round(time.perf_counter() - start, 2), "solve_time_s": round(report.solve_time_s, 2),
+        "curvature_time_s": round(report.curvature_time_s, 2), "calib_tokens": report.n_tokens, "owl": None,
+        "surgeon": {
+            "options": opts.to_dict(), "kfac_factor_mib": round(report.factor_mib, 2), "passes": report.passes,
+            "cg_iterations": report.cg_iterations, "removed_groups": report.removed_groups,
+            "layer_sparsity": report.layer_sparsity,
+        },
+    }
 
 
 def _prune(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]], cfg: OneShotConfig,
