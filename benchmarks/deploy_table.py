@@ -43,6 +43,7 @@ from typing import Any  # noqa: E402
 
 import torch  # noqa: E402
 
+from prune_trainer.bench import time_samples  # noqa: E402
 from prune_trainer.export.convert import convert_checkpoint, weight_file_mib  # noqa: E402
 from prune_trainer.export.runtime import OrtTokenClassifier, export_onnx, quantize_onnx_int8, quantize_torch_dynamic  # noqa: E402
 from prune_trainer.export.structured import STRUCTURE_FIELD, load_pruned_model  # noqa: E402
@@ -173,21 +174,6 @@ def timing_key(variant: str) -> str:
     return f"{label}/pt_int8" if kind.startswith("pt_int8") else variant
 
 
-def _time_samples(models: list[Any], batch: dict[str, torch.Tensor], rounds: int, reps: int) -> list[list[float]]:
-    """Seconds of every forward of every model, the models alternating round by round (after one warm-up)."""
-    times: list[list[float]] = [[] for _ in models]
-    with torch.inference_mode():
-        for model in models:
-            model(**batch)
-        for _ in range(rounds):
-            for i, model in enumerate(models):
-                for _ in range(reps):
-                    t0 = time.perf_counter()
-                    model(**batch)
-                    times[i].append(time.perf_counter() - t0)
-    return times
-
-
 def time_variants(variants: dict[str, Any], args: argparse.Namespace) -> dict[str, dict[int, dict[str, float]]]:
     """Median and minimum ms per forward of every distinct variant at each batch size, all alternating in one
     run. The median is the table's latency (as `prune-trainer bench`); the minimum is kept in the JSON."""
@@ -200,7 +186,7 @@ def time_variants(variants: dict[str, Any], args: argparse.Namespace) -> dict[st
     for batch_size in args.batch_sizes:
         batch = {"input_ids": ids[:batch_size], "attention_mask": torch.ones_like(ids[:batch_size])}
         t0 = time.perf_counter()
-        samples = _time_samples(list(timed.values()), batch, args.rounds, reps[batch_size])
+        samples = time_samples(list(timed.values()), batch, args.rounds, reps[batch_size])
         for key, sec in zip(timed, samples):
             out[key][batch_size] = {"min": round(min(sec) * 1000, 2), "median": round(statistics.median(sec) * 1000, 2)}
         print(f"timed batch {batch_size} in {time.perf_counter() - t0:.0f} s", flush=True)

@@ -49,8 +49,9 @@ def weights_mib(path: str | os.PathLike) -> float:
     return round(sum(f.stat().st_size for f in files) / 2**20, 3)
 
 
-def _time_pair(models: list[nn.Module], batch: dict[str, torch.Tensor], rounds: int, reps: int) -> list[float]:
-    """Median seconds per forward of each model, alternating the models round by round (after one warm-up)."""
+def time_samples(models: list[Any], batch: dict[str, torch.Tensor], rounds: int, reps: int) -> list[list[float]]:
+    """Seconds of every forward of every model, the models alternating round by round (after one warm-up each):
+    machine noise hits all of them alike."""
     times: list[list[float]] = [[] for _ in models]
     with torch.inference_mode():
         for model in models:
@@ -61,7 +62,12 @@ def _time_pair(models: list[nn.Module], batch: dict[str, torch.Tensor], rounds: 
                     t0 = time.perf_counter()
                     model(**batch)
                     times[i].append(time.perf_counter() - t0)
-    return [statistics.median(t) for t in times]
+    return times
+
+
+def _time_pair(models: list[nn.Module], batch: dict[str, torch.Tensor], rounds: int, reps: int) -> list[float]:
+    """Median seconds per forward of each model (`time_samples`)."""
+    return [statistics.median(t) for t in time_samples(models, batch, rounds, reps)]
 
 
 def bench_models(

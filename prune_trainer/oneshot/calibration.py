@@ -73,8 +73,7 @@ def calibration_batches(
         raise ValueError(f"asked for {n_samples} calibration sentences but the split has only {len(sentences)}")
     if batch_size <= 0:
         raise ValueError(f"calibration batch size must be positive, got {batch_size}")
-    chosen = random.Random(seed).sample(range(len(sentences)), n_samples)
-    chosen.sort(key=lambda j: len(sentences[j].tokens))  # length-sorted batches: little padding, same stats
+    chosen = _calibration_sample(sentences, n_samples, seed)
     batches = []
     for i in range(0, n_samples, batch_size):
         words = [sentences[j].tokens for j in chosen[i : i + batch_size]]
@@ -85,6 +84,14 @@ def calibration_batches(
         )
         batches.append(dict(enc))
     return batches
+
+
+def _calibration_sample(sentences: list[Sentence], n_samples: int, seed: int) -> list[int]:
+    """Indices of ``n_samples`` sentences drawn without replacement (seeded), sorted by length: length-sorted
+    batches have little padding and the same statistics."""
+    chosen = random.Random(seed).sample(range(len(sentences)), n_samples)
+    chosen.sort(key=lambda j: len(sentences[j].tokens))
+    return chosen
 
 
 def labelled_calibration_batches(
@@ -103,8 +110,7 @@ def labelled_calibration_batches(
     from prune_trainer.data.tokenize import tokenize_and_align
 
     batches = calibration_batches(sentences, tokenizer, n_samples, batch_size, max_length, seed)  # checks args
-    chosen = random.Random(seed).sample(range(len(sentences)), n_samples)
-    chosen.sort(key=lambda j: len(sentences[j].tokens))
+    chosen = _calibration_sample(sentences, n_samples, seed)
     data = tokenize_and_align([sentences[j] for j in chosen], tokenizer, max_length)
     collate = DataCollatorForTokenClassification(tokenizer)
     out = []
