@@ -253,9 +253,10 @@ def oneshot_cost_table(results: dict[str, dict[str, Any]]) -> str:
     groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
     for key, res in results.items():
         parts = key.split("|")
-        if len(parts) < 4 or "prune_time_s" not in res:
+        calib = [int(p[1:]) for p in parts[1:] if p[:1] == "n" and p[1:].isdigit()]  # the n<calibration> part
+        if not calib or "prune_time_s" not in res:
             continue
-        groups.setdefault((parts[0], int(parts[3].lstrip("n"))), []).append(res)
+        groups.setdefault((parts[0], calib[0]), []).append(res)
     lines = [
         "| method | calibration sentences | settings | prune time median (min–max) | solve time median |",
         "|---|---|---|---|---|",

@@ -200,3 +200,14 @@ def test_structured_runs_get_a_speedup_table_and_plot(tmp_path):
     assert main(["report", str(tmp_path)]) == 0
     assert "structured_f1_vs_speedup.png" in (tmp_path / "README.md").read_text()
     assert (tmp_path / "structured_f1_vs_speedup.png").stat().st_size > 1000
+
+
+def test_oneshot_cost_table_finds_the_calibration_part_of_any_key_layout():
+    from study.report import oneshot_cost_table
+
+    results = {"sparsegpt|0.5|uniform|n128|s0": {"prune_time_s": 2.0, "solve_time_s": 1.0},
+               "llm-surgeon|heads,ffn|0.3|uniform|T2|n128": {"prune_time_s": 4.0},
+               "dense|w8": {"perplexity": 17.0}}
+    table = oneshot_cost_table(results)
+    assert "| sparsegpt | 128 | 1 | 2.0 s (2.0–2.0) | 1.0 s |" in table
+    assert "| llm-surgeon | 128 | 1 | 4.0 s (4.0–4.0) | - |" in table and "dense" not in table
