@@ -16,13 +16,14 @@ import platform
 import statistics
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 from transformers import BertConfig, BertModel
 
 from prune_trainer import StructuredPruningCallback, export_structured_model, load_pruned_model
+from prune_trainer.bench import time_samples
+from prune_trainer.io import atomic_write_text
 
 
 def minilm_config() -> BertConfig:
@@ -45,21 +46,11 @@ def pruned_copy(seed: int, target: float, batch: dict[str, torch.Tensor], workdi
     return pruned, diff
 
 
-def time_forward(model: BertModel, batch: dict[str, torch.Tensor], reps: int) -> list[float]:
-    times = []
-    with torch.inference_mode():
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            model(**batch)
-            times.append(time.perf_counter() - t0)
-    return times
-
-
 def params(model: torch.nn.Module, skip: str = "embeddings") -> int:
     return sum(p.numel() for n, p in model.named_parameters() if skip not in n)
 
 
-def main() -> None:
+def _parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32])
     parser.add_argument("--seq-len", type=int, default=128)
@@ -69,7 +60,24 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--machine", default=f"{platform.processor() or platform.machine()}, CPU")
     parser.add_argument("--out", help="write the table as Markdown to this file")
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def _time_rows(dense: BertModel, pruned: BertModel, ids: torch.Tensor, args: argparse.Namespace) -> list[tuple]:
+    """(batch, dense ms, pruned ms, pruned/dense, speed-up) per batch size, the two models alternating
+    (`prune_trainer.bench.time_samples`)."""
+    rows = []
+    for bs in args.batch_sizes:
+        batch = {"input_ids": ids[:bs], "attention_mask": torch.ones_like(ids[:bs])}
+        md, mp = (statistics.median(t) for t in time_samples([dense, pruned], batch, args.rounds, args.reps))
+        rows.append((bs, md * 1e3, mp * 1e3, mp / md, md / mp))
+        print(f"batch {bs:3d}: dense {md * 1e3:9.2f} ms  pruned {mp * 1e3:9.2f} ms  "
+              f"pruned/dense {mp / md:.3f}  speed-up {md / mp:.2f}x", flush=True)
+    return rows
+
+
+def main() -> None:
+    args = _parse_args()
     torch.set_num_threads(args.threads)
 
     g = torch.Generator().manual_seed(0)
@@ -79,19 +87,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         pruned, diff = pruned_copy(0, args.target, {"input_ids": ids[:2]}, Path(tmp))
     sizes = pruned.config.prune_trainer_structure
-    rows = []
-    for bs in args.batch_sizes:
-        batch = {"input_ids": ids[:bs], "attention_mask": torch.ones_like(ids[:bs])}
-        time_forward(dense, batch, 1)  # warm-up
-        time_forward(pruned, batch, 1)
-        t_dense, t_pruned = [], []
-        for _ in range(args.rounds):
-            t_dense += time_forward(dense, batch, args.reps)
-            t_pruned += time_forward(pruned, batch, args.reps)
-        md, mp = statistics.median(t_dense), statistics.median(t_pruned)
-        rows.append((bs, md * 1e3, mp * 1e3, mp / md, md / mp))
-        print(f"batch {bs:3d}: dense {md * 1e3:9.2f} ms  pruned {mp * 1e3:9.2f} ms  "
-              f"pruned/dense {mp / md:.3f}  speed-up {md / mp:.2f}x", flush=True)
+    rows = _time_rows(dense, pruned, ids, args)
 
     lines = [
         f"# Structured pruning: inference latency, dense vs {args.target:.0%} of heads and FFN neurons removed",
@@ -121,8 +117,7 @@ def main() -> None:
     )
     lines += [f"Command: `{cmd}`  ", f"git commit: `{commit}`", ""]
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text("\n".join(lines))
+        atomic_write_text(args.out, "\n".join(lines))
     print("\n".join(lines))
 
 

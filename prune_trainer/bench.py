@@ -70,6 +70,17 @@ def _time_pair(models: list[nn.Module], batch: dict[str, torch.Tensor], rounds: 
     return [statistics.median(t) for t in time_samples(models, batch, rounds, reps)]
 
 
+def _check_bench_args(modes: tuple[str, ...], batch_sizes: tuple[int, ...], threads: tuple[int, ...],
+                      counts: tuple[int, ...]) -> None:
+    """Raise ValueError for an unknown mode or a non-positive batch size, thread count, round or length."""
+    bad = [m for m in modes if m not in MODES]
+    if bad:
+        raise ValueError(f"bench: unknown mode {bad[0]!r}; allowed: {list(MODES)}")
+    for name, values in (("batch size", batch_sizes), ("threads", threads), ("rounds", counts)):
+        if not values or min(values) < 1:
+            raise ValueError(f"bench: {name} must be positive integers, got {list(values)}")
+
+
 def bench_models(
     model_dir: str | os.PathLike,
     baseline_dir: str | os.PathLike | None = None,
@@ -92,12 +103,7 @@ def bench_models(
     """
     from tqdm.auto import tqdm
 
-    bad = [m for m in modes if m not in MODES]
-    if bad:
-        raise ValueError(f"bench: unknown mode {bad[0]!r}; allowed: {list(MODES)}")
-    for name, values in (("batch size", batch_sizes), ("threads", threads), ("rounds", (rounds, reps, seq_len))):
-        if not values or min(values) < 1:
-            raise ValueError(f"bench: {name} must be positive integers, got {list(values)}")
+    _check_bench_args(modes, batch_sizes, threads, (rounds, reps, seq_len))
     dirs = {"model": Path(model_dir)} | ({"baseline": Path(baseline_dir)} if baseline_dir else {})
     loaded = {k: load_for_bench(p, weights) for k, p in dirs.items()}
     vocab = min(getattr(m.config, "vocab_size", 1000) for m in loaded.values())

@@ -20,6 +20,8 @@ All groups of one kind have the same number of weights, so the target is also th
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from prune_trainer.masking.selection import check_sparsity, finite_scores
@@ -106,6 +108,39 @@ def check_group_sizes(groups: GroupSet, round_to: int, floor: int, what: str) ->
     return kept_floor
 
 
+class _Blocks(NamedTuple):
+    """Groups ordered by layer then score, cut into ``round_to`` blocks (see `select_groups`)."""
+
+    order: torch.Tensor  # group ids, by layer, best score first within a layer
+    block: torch.Tensor  # block id of each ordered group
+    size: torch.Tensor  # groups per block
+    score: torch.Tensor  # mean score per block; -inf if a member is non-finite, +inf for floor blocks
+    floor: torch.Tensor  # block holds one of its layer's first ``floor`` groups
+    per_layer: torch.Tensor  # blocks per layer
+
+
+def _rank_blocks(groups: GroupSet, scores: torch.Tensor, round_to: int, floor: int) -> _Blocks:
+    layer = groups.group_layer
+    # order groups by layer, best score first within a layer (two stable sorts)
+    by_score = torch.sort(scores, descending=True, stable=True).indices
+    order = by_score[torch.sort(layer[by_score], stable=True).indices]
+    sizes = torch.tensor(groups.sizes)
+    starts = torch.cumsum(sizes, 0) - sizes
+    rank = torch.arange(order.numel()) - starts[layer[order]]  # rank within its layer
+    per_layer = (sizes + round_to - 1) // round_to
+    block = (torch.cumsum(per_layer, 0) - per_layer)[layer[order]] + rank // round_to
+    num_blocks = int(per_layer.sum())
+    size = torch.zeros(num_blocks).index_add_(0, block, torch.ones(order.numel()))
+    sorted_scores = scores[order]
+    finite = torch.isfinite(sorted_scores)
+    block_sum = torch.zeros(num_blocks).index_add_(0, block, torch.where(finite, sorted_scores, 0.0))
+    block_bad = torch.zeros(num_blocks).index_add_(0, block, (~finite).float()) > 0
+    block_floor = torch.zeros(num_blocks, dtype=torch.bool)
+    block_floor[block[rank < floor]] = True
+    score = (block_sum / size).masked_fill(block_bad, float("-inf")).masked_fill(block_floor, float("inf"))
+    return _Blocks(order, block, size, score, block_floor, per_layer)
+
+
 def select_groups(
     groups: GroupSet,
     scores: torch.Tensor,
@@ -129,43 +164,22 @@ def select_groups(
     scores = finite_scores(scores.detach().to("cpu"))
     if removed is not None:
         scores = scores.masked_fill(removed.to("cpu"), float("-inf"))
-    layer = groups.group_layer
-    num_layers = len(groups.sizes)
-    # order groups by layer, best score first within a layer (two stable sorts)
-    by_score = torch.sort(scores, descending=True, stable=True).indices
-    order = by_score[torch.sort(layer[by_score], stable=True).indices]
-    sizes = torch.tensor(groups.sizes)
-    starts = torch.cumsum(sizes, 0) - sizes
-    rank = torch.arange(order.numel()) - starts[layer[order]]  # rank within its layer
-    blocks_per_layer = (sizes + round_to - 1) // round_to
-    block_start = torch.cumsum(blocks_per_layer, 0) - blocks_per_layer
-    block = block_start[layer[order]] + rank // round_to  # block id of each ordered group
-    num_blocks = int(blocks_per_layer.sum())
-    block_size = torch.zeros(num_blocks).index_add_(0, block, torch.ones(order.numel()))
-    sorted_scores = scores[order]
-    in_floor = rank < floor
-    # mean score per block (-inf if any member is -inf); floor blocks first (+inf)
-    finite = torch.isfinite(sorted_scores)
-    block_sum = torch.zeros(num_blocks).index_add_(0, block, torch.where(finite, sorted_scores, 0.0))
-    block_bad = torch.zeros(num_blocks).index_add_(0, block, (~finite).float()) > 0
-    block_score = (block_sum / block_size).masked_fill(block_bad, float("-inf"))
-    block_floor = torch.zeros(num_blocks, dtype=torch.bool)
-    block_floor[block[in_floor]] = True
-    block_score = block_score.masked_fill(block_floor, float("inf"))
-    block_layer = torch.repeat_interleave(torch.arange(num_layers), blocks_per_layer)
+    b = _rank_blocks(groups, scores, round_to, floor)
     if scope == "global":
         keep_total = groups.num_groups - int(round(target * groups.num_groups))
-        best = torch.sort(block_score, descending=True, stable=True).indices  # ties: earlier block (same layer) first
-        before = torch.cumsum(block_size[best], 0) - block_size[best]
-        keep_block = torch.zeros(num_blocks, dtype=torch.bool)
+        best = torch.sort(b.score, descending=True, stable=True).indices  # ties: earlier block (same layer) first
+        before = torch.cumsum(b.size[best], 0) - b.size[best]
+        keep_block = torch.zeros(len(b.size), dtype=torch.bool)
         keep_block[best] = before < keep_total
     elif scope == "layer":
+        sizes = torch.tensor(groups.sizes)
         keep_layer = sizes - torch.round(target * sizes.double()).long()
-        before = torch.cumsum(block_size, 0) - block_size - torch.repeat_interleave(starts, blocks_per_layer)
-        keep_block = before < keep_layer[block_layer]
+        starts = torch.repeat_interleave(torch.cumsum(sizes, 0) - sizes, b.per_layer)
+        before = torch.cumsum(b.size, 0) - b.size - starts
+        keep_block = before < keep_layer[torch.repeat_interleave(torch.arange(len(groups.sizes)), b.per_layer)]
     else:
         raise ValueError(f"scope must be 'global' or 'layer', got {scope!r}")
-    keep_block |= block_floor
+    keep_block |= b.floor
     keep = torch.zeros(groups.num_groups, dtype=torch.bool)
-    keep[order] = keep_block[block]
+    keep[b.order] = keep_block[b.block]
     return keep
