@@ -128,7 +128,9 @@ def _oneshot(args: argparse.Namespace) -> int:
     level = "-".join(structures) if structures else pattern.replace(":", "of")
     cfg = OneShotConfig(
         model=args.model, method=args.method, sparsity=sparsity, pattern=pattern, owl=args.owl,
-        owl_m=args.owl_m, owl_lambda=args.owl_lambda, calib_samples=args.calib_samples, seed=args.seed,
+        owl_m=args.owl_m, owl_lambda=args.owl_lambda, owl_scope=args.owl_scope, calib_samples=args.calib_samples,
+        seed=args.seed, calib_text=args.calib_text, eval_windows=args.eval_windows,
+        eval_batch_size=args.eval_batch_size, export=not args.no_export,
         pruned_inputs=not args.dense_inputs, data_dir=args.data_dir, evaluate=not args.no_eval, device=args.device,
         task=args.task, targets=args.targets, eval_file=args.eval_file, max_length=args.max_length,
         calib_batch_size=args.calib_batch_size, options=options, structures=structures,
@@ -178,15 +180,25 @@ def _add_oneshot_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--owl", action="store_true", help="OWL outlier-weighted layer-wise sparsity")
     p.add_argument("--owl-m", type=float, default=1.0, help="OWL outlier threshold M (default 1)")
     p.add_argument("--owl-lambda", type=float, default=None, help="bound layer sparsities to target ± lambda")
+    p.add_argument("--owl-scope", choices=["linear", "block"], default="linear",
+                   help="OWL outlier ratio per Linear (default) or per transformer block (Yin et al.; their LLaMA "
+                   "settings: --owl-scope block --owl-m 5 --owl-lambda 0.08)")
     p.add_argument("--calib-samples", type=int, default=4096, help="calibration sentences from train (default 4096)")
     p.add_argument("--seed", type=int, default=0, help="seed of the calibration sample")
-    p.add_argument("--max-length", type=int, default=128,
+    p.add_argument("--max-length", "--seqlen", type=int, default=128, dest="max_length",
                    help="tokens per calibration sentence; causal LM: calibration and perplexity window (default 128)")
+    p.add_argument("--calib-text", help="causal LM: text source of the calibration windows: a text file, "
+                   "conll-train or wikitext2-train (default: the CoNLL-2003 training text)")
+    p.add_argument("--eval-windows", type=int, default=None,
+                   help="causal LM: score only this many perplexity windows, evenly spaced (default: all)")
+    p.add_argument("--eval-batch-size", type=int, default=64,
+                   help="evaluation batch (causal LM: windows, capped at 1 GiB of logits; default 64)")
     p.add_argument("--calib-batch-size", type=int, default=32, help="calibration sequences per forward (default 32)")
     p.add_argument("--dense-inputs", action="store_true", help="feed each block the dense (unpruned) outputs")
     p.add_argument("--data-dir", help="CoNLL-2003 directory (default: $PRUNE_TRAINER_CONLL_DIR, else the hub)")
     p.add_argument("--output-dir", help="where model/ and results.json go (default: results/oneshot/<setting>)")
     p.add_argument("--no-eval", action="store_true", help="skip the evaluation (F1, accuracy, perplexity)")
+    p.add_argument("--no-export", action="store_true", help="write results.json only, not the pruned model/")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
     p.add_argument("--device", default="auto", help="auto (CUDA when available) | cpu | cuda | cuda:N")
     p.set_defaults(func=_oneshot)

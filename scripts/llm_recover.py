@@ -5,7 +5,8 @@ perplexity after it. ``--method dense`` fine-tunes the unpruned model with the s
     PRUNE_TRAINER_CONLL_DIR=/work/shared/data/conll2003 nohup nice -n 10 python scripts/llm_recover.py \
         --out results/oneshot/smollm2 --method sparsegpt --setting 2:4 --steps 50 &
 
-The model is pruned as by ``scripts/llm_oneshot.py`` (same calibration windows and seed), fine-tuned with AdamW
+The model is pruned as by ``scripts/llm_oneshot.py`` (the library's `prune_sequential`, same calibration windows
+and seed), fine-tuned with AdamW
 on random ``--train-seqlen`` windows of the training text (another seed than the calibration), and scored on the
 same evaluation windows. Rows go to ``<out>/recovery.json`` (atomically; a row already there is skipped).
 """
@@ -22,17 +23,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from prune_trainer.data.text import calibration_windows, load_text, random_windows, tokenize_text
+from prune_trainer.data.text import load_text, random_windows, tokenize_text, window_batches
+from prune_trainer.devices import device_description
 from prune_trainer.io import atomic_write_json
 from prune_trainer.llm.models import EMBEDDED_LLM, load_causal_lm
-from scripts.llm_oneshot import (
-    _provenance,
-    decoder_layers,
-    evaluate_row,
-    measured_sparsity,
-    parse_setting,
-    prune_llm_sequential,
-)
+from prune_trainer.llm.perplexity import perplexity
+from prune_trainer.masking.inject import DEFAULT_EXCLUDE, find_target_linears
+from prune_trainer.masking.sparsity import weight_sparsity_report
+from prune_trainer.oneshot.calibration import prune_sequential
+from prune_trainer.oneshot.registry import get_method
+from scripts.llm_oneshot import parse_setting, provenance
 
 
 def fixed_mask_finetune(
@@ -66,9 +66,32 @@ def fixed_mask_finetune(
 
 
 def block_masks(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Keep masks (``W != 0``) of every Linear in the decoder blocks."""
-    return {f"model.layers.{i}.{n}": m.weight != 0 for i, block in enumerate(decoder_layers(model))
-            for n, m in block.named_modules() if isinstance(m, nn.Linear)}
+    """Keep masks (``W != 0``) of every pruning target (the family preset: every Linear in the decoder blocks)."""
+    return {n: model.get_submodule(n).weight != 0 for n in find_target_linears(model, None, DEFAULT_EXCLUDE)}
+
+
+def measured_sparsity(model: nn.Module) -> float:
+    """Fraction of exact zeros over the weights of the pruning targets."""
+    names = find_target_linears(model, None, DEFAULT_EXCLUDE)
+    return float(weight_sparsity_report(model, names)["global_sparsity"])
+
+
+def prune_model(model: nn.Module, ids: torch.Tensor, method: str, setting: str,
+                args: argparse.Namespace) -> dict[str, Any]:
+    """Prune ``model`` in place as a grid row of ``scripts/llm_oneshot.py`` (`prune_sequential`, the calibration
+    windows of the token sequence ``ids``); the row's sparsity, pattern and pruning time."""
+    sparsity, pattern, n, m = parse_setting(setting)
+    batches = window_batches(ids, args.calib, args.batch_size, args.seqlen, args.seed)
+    t0 = time.perf_counter()
+    prune_sequential(model, batches, get_method(method), sparsity, n, m, progress=False)
+    return {"sparsity": sparsity, "pattern": pattern, "prune_time_s": round(time.perf_counter() - t0, 2)}
+
+
+def evaluate_row(model: nn.Module, eval_ids: torch.Tensor, args: argparse.Namespace) -> dict[str, Any]:
+    """Perplexity over the non-overlapping ``--seqlen`` windows (``--eval-windows`` evenly spaced ones)."""
+    r = perplexity(model, eval_ids, args.seqlen, batch_size=args.eval_batch_size, max_windows=args.eval_windows)
+    return {"perplexity": round(r.perplexity, 4), "nll": round(r.nll, 6), "eval_tokens": r.n_tokens,
+            "eval_windows": r.n_windows, "eval_time_s": round(r.time_s, 1)}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -82,24 +105,20 @@ def main(argv: list[str] | None = None) -> None:
         return
     model, tokenizer = load_causal_lm(args.model)
     row: dict[str, Any] = {"model": args.model, "method": args.method, "setting": args.setting}
+    train_ids = tokenize_text(load_text(args.calib_source), tokenizer)
     if args.method != "dense":
-        sparsity, pattern, n, m = parse_setting(args.setting)
-        calib = calibration_windows(tokenizer, args.calib, args.seqlen, args.calib_source, seed=args.seed)
-        t0 = time.perf_counter()
-        prune_llm_sequential(model, calib, args.method, sparsity, n, m, args.batch_size)
-        row.update(sparsity=sparsity, pattern=pattern, prune_time_s=round(time.perf_counter() - t0, 2))
+        row.update(prune_model(model, train_ids, args.method, args.setting, args))
     else:
         row.update(sparsity=0.0, pattern="dense", prune_time_s=0.0)
     masks = block_masks(model) if args.method != "dense" else {}
-    train = random_windows(tokenize_text(load_text(args.calib_source), tokenizer), args.steps * args.train_batch,
-                           args.train_seqlen, seed=args.seed + 1)
+    train = random_windows(train_ids, args.steps * args.train_batch, args.train_seqlen, seed=args.seed + 1)
     t0 = time.perf_counter()
     losses = fixed_mask_finetune(model, train, masks, args.lr, args.train_batch)
     row.update(finetune_steps=args.steps, finetune_tokens=train.numel(), finetune_lr=args.lr,
                finetune_time_s=round(time.perf_counter() - t0, 1), finetune_losses=losses,
                measured_sparsity=round(measured_sparsity(model), 6))
     row.update(evaluate_row(model, tokenize_text(load_text(args.eval_source), tokenizer), args))
-    row.update(_provenance(args))
+    row.update(provenance(args, device_description(torch.device("cpu"))))
     rows[key] = row
     atomic_write_json(out_path, rows)
     print(json.dumps({k: row[k] for k in ("method", "setting", "perplexity", "finetune_time_s")}), flush=True)

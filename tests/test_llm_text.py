@@ -193,3 +193,42 @@ def test_wikitext_source_joins_lines_as_sparsegpt(monkeypatch):
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
     assert load_text("wikitext2-test") == " = Title = \n\n\n Some text .\n"
     assert calls == [(("Salesforce/wikitext", "wikitext-2-raw-v1"), "test")]
+
+
+def test_cli_oneshot_causal_lm_seqlen_calib_text_eval_windows_owl_block(tmp_path, conll_dir, capsys):
+    """The LLM one-shot options: ``--seqlen`` (alias of ``--max-length``), calibration from a text file, capped
+    perplexity windows, OWL per block with the LLaMA settings, no export."""
+    import json
+
+    from helpers import tiny_tokenizer
+
+    from prune_trainer.cli import main
+    from prune_trainer.oneshot.runner import OneShotConfig
+
+    path = tmp_path / "llama"
+    tiny_llama(6).save_pretrained(path)
+    tok = tiny_tokenizer()
+    tok.save_pretrained(path)
+    text = tmp_path / "calib.txt"
+    text.write_text(load_text("conll-validation", conll_dir), encoding="utf-8")
+    out = tmp_path / "out"
+    rc = main(["oneshot", "--model", str(path), "--task", "causal-lm", "--method", "wanda", "--sparsity", "0.6",
+               "--seqlen", "16", "--calib-samples", "4", "--calib-batch-size", "2", "--calib-text", str(text),
+               "--eval-windows", "2", "--owl", "--owl-scope", "block", "--owl-m", "5", "--owl-lambda", "0.08",
+               "--no-export", "--data-dir", str(conll_dir), "--output-dir", str(out)])
+    assert rc == 0 and not (out / "model").exists()
+    res = json.loads((out / "results.json").read_text())
+    assert res["config"]["max_length"] == 16 and res["eval_windows"] == 2 and res["eval_tokens"] == 2 * 15
+    assert res["owl"]["scope"] == "block" and res["owl"]["m"] == 5 and res["owl"]["lambda"] == 0.08
+    ratios = res["owl"]["outlier_ratios"]
+    for block in ("model.layers.0.", "model.layers.1."):  # one ratio per block, shared by its Linears
+        assert len({v for k, v in ratios.items() if k.startswith(block)}) == 1
+    assert all(0.52 - 1e-6 <= s <= 0.68 + 1e-6 for s in res["owl"]["layer_sparsity"].values())
+    model = LlamaForCausalLM.from_pretrained(path).eval()
+    ids = tokenize_text(load_text("conll-validation", conll_dir), tok)
+    assert res["config"]["calib_text"] == str(text) and res["calib_tokens"] == 4 * 16
+    assert perplexity(model, ids, 16, max_windows=2).n_tokens == res["eval_tokens"]
+    for bad, match in ((dict(owl_scope="row"), "owl_scope"), (dict(eval_windows=0), "eval_windows")):
+        with pytest.raises(ValueError, match=match):
+            OneShotConfig(model=str(path), **bad).validate()
+    capsys.readouterr()

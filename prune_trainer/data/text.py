@@ -110,8 +110,16 @@ def text_calibration_batches(
     sentences: list[Sentence], tokenizer: Any, n_samples: int, batch_size: int = 8, seqlen: int = 512, seed: int = 0,
 ) -> list[dict[str, torch.Tensor]]:
     """Calibration batches for a causal LM: ``n_samples`` random ``seqlen``-token windows of the detokenised
-    ``sentences`` (`random_windows`), as ``input_ids`` / ``attention_mask`` batches of ``batch_size``."""
+    ``sentences`` (`window_batches`)."""
+    return window_batches(tokenize_text(sentences_text(sentences), tokenizer), n_samples, batch_size, seqlen, seed)
+
+
+def window_batches(
+    ids: torch.Tensor, n_samples: int, batch_size: int = 8, seqlen: int = 512, seed: int = 0,
+) -> list[dict[str, torch.Tensor]]:
+    """``n_samples`` random ``seqlen``-token windows of the id sequence ``ids`` (`random_windows`), as
+    ``input_ids`` / ``attention_mask`` batches of ``batch_size`` (the last one may be smaller)."""
     if batch_size <= 0:
         raise ValueError(f"calibration batch size must be positive, got {batch_size}")
-    windows = random_windows(tokenize_text(sentences_text(sentences), tokenizer), n_samples, seqlen, seed)
+    windows = random_windows(ids, n_samples, seqlen, seed)
     return [{"input_ids": w, "attention_mask": torch.ones_like(w)} for w in windows.split(batch_size)]

@@ -147,15 +147,20 @@ def _result(
 
 def evaluate_causal_lm(model: nn.Module, tokenizer: Any, splits: dict[str, list[Sentence]], cfg: Any) -> dict[str, Any]:
     """The one-shot job's causal-LM evaluation (`TASK_EVALUATORS`): perplexity with non-overlapping windows of
-    ``cfg.max_length`` tokens (at most the model's context) on ``cfg.eval_file`` (a text file) if given, else the
-    CoNLL-2003 validation text."""
+    ``cfg.max_length`` tokens (at most the model's context) on ``cfg.eval_file`` (a text source of `load_text`) if
+    given, else the CoNLL-2003 validation text; all windows, or ``cfg.eval_windows`` evenly spaced ones."""
     from prune_trainer.data.text import load_text, sentences_text, tokenize_text
     from prune_trainer.llm.models import context_length
 
-    text = load_text(cfg.eval_file) if cfg.eval_file else sentences_text(splits["validation"])
+    if cfg.eval_file:
+        text = load_text(cfg.eval_file, getattr(cfg, "data_dir", None))
+    else:
+        text = sentences_text(splits["validation"])
     seqlen = min(cfg.max_length, context_length(model) or cfg.max_length)
     vocab = int(getattr(model.config, "vocab_size", 0) or 1)
     batch_size = max(1, min(cfg.eval_batch_size, MAX_LOGITS // (seqlen * vocab)))  # float32 logits ≤ 1 GiB
-    r = perplexity(model, tokenize_text(text, tokenizer), seqlen, batch_size=batch_size)
-    return {"eval_perplexity": r.perplexity, "eval_nll": r.nll, "eval_tokens": r.n_tokens, "eval_seqlen": seqlen,
+    r = perplexity(model, tokenize_text(text, tokenizer), seqlen, batch_size=batch_size,
+                   max_windows=getattr(cfg, "eval_windows", None))
+    return {"eval_perplexity": r.perplexity, "eval_nll": r.nll, "eval_tokens": r.n_tokens,
+            "eval_windows": r.n_windows, "eval_seqlen": seqlen,
             "eval_batch_size": batch_size, "eval_time_s": round(r.time_s, 1)}

@@ -300,15 +300,22 @@ def wanda_outlier_ratios(
     targets: tuple[str, ...] | None = None,
     exclude: tuple[str, ...] = DEFAULT_EXCLUDE,
     progress: bool = False,
+    per_block: bool = False,
 ) -> dict[str, float]:
-    """OWL's ``D_l`` per target Linear from Wanda scores on the dense model (one pass over the blocks)."""
+    """OWL's ``D_l`` per target Linear from Wanda scores on the dense model (one pass over the blocks);
+    ``per_block``: one ``D_l`` per transformer block, over the scores of all its targets together (Yin et al. 2024,
+    §3: "layer" = block), given to each of them."""
     model.eval()
     names = find_target_linears(model, targets, exclude)
     ratios: dict[str, float] = {}
 
     def visit(linears: dict[str, nn.Module], stats: dict[str, LayerStats]) -> bool:
-        for name, lin in linears.items():
-            ratios[name] = outlier_ratio(wanda_scores(weight_out_in(lin), stats[name].col_norm()), m)
+        scores = {n: wanda_scores(weight_out_in(lin), stats[n].col_norm()) for n, lin in linears.items()}
+        if per_block and scores:
+            block_ratio = outlier_ratio(torch.cat([s.flatten() for s in scores.values()]), m)
+            ratios.update(dict.fromkeys(scores, block_ratio))
+        else:
+            ratios.update({n: outlier_ratio(s, m) for n, s in scores.items()})
         return False
 
     walk_blocks(model, batches, names, visit, full=False, pruned_inputs=False, progress=progress, desc="OWL ratios")

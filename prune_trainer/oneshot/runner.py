@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from prune_trainer.data.conll import Sentence, load_conll_splits
-from prune_trainer.data.text import text_calibration_batches
+from prune_trainer.data.text import load_text, sentences_text, tokenize_text, window_batches
 from prune_trainer.devices import device_description, resolve_device
 from prune_trainer.io import atomic_write_json
 from prune_trainer.llm.models import context_length
@@ -38,6 +38,8 @@ from prune_trainer.structures import STRUCTURE_KINDS
 from prune_trainer.tasks import check_task, load_model_for_task, task_of
 
 RESULTS_FILE = "results.json"
+OWL_SCOPES = ("linear", "block")
+"""Where OWL's outlier ratio ``D_l`` is measured: per target Linear, or per transformer block (Yin et al. 2024)."""
 
 
 @dataclass
@@ -47,10 +49,16 @@ class OneShotConfig(Options):
     ``options``: keyword options of the method's pruner (e.g. ``{"percdamp": 0.01, "lazy": 64}`` for OBS; an
     unknown key is an error naming the pruner's options). ``task``: None (from the checkpoint's architectures) or a
     `TASKS` name; ``targets``/``exclude``: regexes (None: the family preset, `MODEL_FAMILIES`); ``eval_file``: the
-    labelled texts (JSON Lines) a sequence-classification model is evaluated on. For ``llm-surgeon`` / ``k-obd`` /
-    ``structured-obs``, ``options`` are `SurgeonOptions` (e.g. ``{"shots": 5, "allocation": "global"}``) and
-    ``structures``: ``["heads", "ffn"]`` (or one of them) prunes those coupled structures instead of elements
-    (``sparsity`` is then the fraction of their weights removed; the export is the physically smaller model)."""
+    labelled texts (JSON Lines) a sequence-classification model is evaluated on, or the text a causal LM's perplexity
+    is measured on. Causal LM: ``max_length`` is the calibration and perplexity window (``seqlen``), ``calib_text``
+    a text source (`load_text`: a file, ``conll-train``, ``wikitext2-train``; None: the CoNLL-2003 training text)
+    the calibration windows are drawn from, ``eval_windows`` caps the perplexity windows (evenly spaced; None: the
+    whole text). ``owl_scope``: OWL's outlier ratio per target Linear (``linear``) or per transformer block over
+    all its targets (``block``, as Yin et al. 2024; with ``owl_m=5``, ``owl_lambda=0.08`` their LLaMA settings).
+    For ``llm-surgeon`` / ``k-obd`` / ``structured-obs``, ``options`` are `SurgeonOptions` (e.g. ``{"shots": 5,
+    "allocation": "global"}``) and ``structures``: ``["heads", "ffn"]`` (or one of them) prunes those coupled
+    structures instead of elements (``sparsity`` is then the fraction of their weights removed; the export is the
+    physically smaller model)."""
 
     section = "one-shot config"
 
@@ -61,6 +69,7 @@ class OneShotConfig(Options):
     owl: bool = False
     owl_m: float = 1.0
     owl_lambda: float | None = None
+    owl_scope: str = "linear"
     calib_samples: int = 4096
     calib_batch_size: int = 32
     seed: int = 0
@@ -77,6 +86,8 @@ class OneShotConfig(Options):
     targets: list[str] | None = None
     exclude: list[str] | None = None
     eval_file: str | None = None
+    calib_text: str | None = None
+    eval_windows: int | None = None
     structures: list[str] = field(default_factory=list)
 
     def validate(self) -> None:
@@ -93,6 +104,10 @@ class OneShotConfig(Options):
             raise ValueError(f"OWL allocates unstructured sparsity; cannot combine it with pattern {self.pattern!r}")
         if self.calib_samples <= 0:
             raise ValueError(f"calib_samples must be positive, got {self.calib_samples}")
+        if self.owl_scope not in OWL_SCOPES:
+            raise ValueError(f"owl_scope must be one of {list(OWL_SCOPES)}, got {self.owl_scope!r}")
+        if self.eval_windows is not None and self.eval_windows <= 0:
+            raise ValueError(f"eval_windows must be positive or None, got {self.eval_windows}")
 
     def _validate_surgeon(self, nm: tuple[int, int] | None) -> None:
         SurgeonOptions.from_dict(self.options)  # unknown keys and bad values name the options
@@ -172,8 +187,9 @@ def _calibration(model: torch.nn.Module, tokenizer: Any, splits: dict[str, list[
     the model's context), else sentences of the training split."""
     if task == "causal-lm":
         seqlen = min(cfg.max_length, context_length(model) or cfg.max_length)
-        return text_calibration_batches(splits["train"], tokenizer, cfg.calib_samples, cfg.calib_batch_size,
-                                        seqlen, cfg.seed)
+        text = load_text(cfg.calib_text, cfg.data_dir) if cfg.calib_text else sentences_text(splits["train"])
+        return window_batches(tokenize_text(text, tokenizer), cfg.calib_samples, cfg.calib_batch_size, seqlen,
+                              cfg.seed)
     return calibration_batches(splits["train"], tokenizer, cfg.calib_samples, cfg.calib_batch_size,
                                cfg.max_length, cfg.seed, split_words=task == "token-classification")
 
@@ -212,10 +228,12 @@ def _prune(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]], cfg: 
     sparsity: float | dict[str, float] = cfg.sparsity if nm is None else 1.0 - prunen / prunem
     owl_info = None
     if cfg.owl:
-        ratios = wanda_outlier_ratios(model, batches, cfg.owl_m, targets, exclude)
+        ratios = wanda_outlier_ratios(model, batches, cfg.owl_m, targets, exclude,
+                                      per_block=cfg.owl_scope == "block")
         sizes = {n: model.get_submodule(n).weight.numel() for n in _target_names(model, cfg)}
         sparsity = owl_sparsities(ratios, sizes, cfg.sparsity, cfg.owl_lambda)
-        owl_info = {"outlier_ratios": ratios, "layer_sparsity": sparsity}
+        owl_info = {"m": cfg.owl_m, "lambda": cfg.owl_lambda, "scope": cfg.owl_scope, "outlier_ratios": ratios,
+                    "layer_sparsity": sparsity}
     report = prune_sequential(
         model, batches, get_method(cfg.method), sparsity, prunen, prunem, cfg.pruned_inputs,
         targets, exclude, progress, **cfg.options,
