@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
+
+from prune_trainer.io import atomic_write_json
 
 # Table 1 of the unstructured-pruning deep-dive (bert-base-cased on CoNLL-2003, rank-64 factorized embeddings,
 # 4096 calibration samples):
@@ -50,6 +52,55 @@ def _modes(method: str, owl_modes: list[bool], allocations: list[str]) -> list[b
     return list(allocations) if method in SURGEON_METHODS else list(owl_modes)
 
 
+def run_settings(
+    out_json: Path, settings: Iterable[tuple[str, Callable[[], dict[str, Any]]]], done_keys: Iterable[str] = (),
+    describe: Callable[[str, dict[str, Any]], str] | None = None,
+) -> dict[str, Any]:
+    """Run each ``(key, run)`` whose key is in neither ``out_json`` nor ``done_keys``; stamp the result with
+    ``finished_at`` and the checked-out ``git_commit`` and rewrite ``out_json`` atomically after each, so an
+    interrupted grid resumes. ``settings`` may be a generator: a run is only built when its key is missing."""
+    from prune_trainer.recipes.runner import git_commit
+
+    commit = git_commit()  # the code that runs is the code checked out now
+    done = set(done_keys)
+    results = json.loads(out_json.read_text()) if out_json.is_file() else {}
+    for key, run in settings:
+        if key in results or key in done:
+            continue
+        res = run()
+        res.update(finished_at=time.strftime("%Y-%m-%d %H:%M:%S"), git_commit=commit)
+        results[key] = res
+        atomic_write_json(out_json, results)
+        print(describe(key, res) if describe else f"{key}: f1={res['eval_f1']:.4f}", flush=True)
+    return results
+
+
+def _grid_settings(
+    model: str, methods: list[str], levels: list[str], owl_modes: list[bool], calibs: list[int], splits: dict,
+    owl_m: float, seed: int, options: dict[str, Any] | None, allocations: tuple[str, ...], tag: str,
+) -> Iterator[tuple[str, Callable[[], dict[str, Any]]]]:
+    from prune_trainer.oneshot.runner import OneShotConfig, run_oneshot
+
+    def run(cfg: OneShotConfig) -> dict[str, Any]:
+        res = run_oneshot(cfg, splits, progress=False)
+        res.pop("sparsity_per_layer", None)
+        return res
+
+    for calib in calibs:
+        for level in levels:
+            for method in methods:
+                for owl in _modes(method, owl_modes, allocations):
+                    if owl is True and ":" in level:
+                        continue
+                    pattern = level if ":" in level else "unstructured"
+                    sparsity = 0.0 if ":" in level else float(level)
+                    opts = {**(options or {}), **({"allocation": owl} if isinstance(owl, str) else {})}
+                    cfg = OneShotConfig(model=model, method=method, sparsity=sparsity, pattern=pattern,
+                                        owl=owl is True, owl_m=owl_m, calib_samples=calib, seed=seed, export=False,
+                                        options=opts)
+                    yield setting_key(method + tag, level, owl, calib, seed), partial(run, cfg)
+
+
 def run_grid(
     model: str,
     out_json: Path,
@@ -65,58 +116,27 @@ def run_grid(
     allocations: tuple[str, ...] = ("uniform",),
     tag: str = "",
 ) -> dict[str, Any]:
-    """Run every (calib, level, method, OWL / allocation) setting not yet in ``out_json`` nor in ``done_keys``.
+    """Run every (calib, level, method, OWL / allocation) setting not yet in ``out_json`` nor in ``done_keys``
+    (`run_settings`: one atomic rewrite per finished setting), with one torch thread.
 
-    Each finished setting is written to ``out_json`` at once (atomic rewrite), so an interrupted grid resumes.
     ``options``: the methods' options (e.g. LLM Surgeon's ``shots``); LLM Surgeon methods run each of
     ``allocations`` instead of the OWL modes; ``tag`` is appended to the method in the setting keys.
     """
     import torch
 
     from prune_trainer.data.conll import load_conll_splits
-    from prune_trainer.oneshot.runner import OneShotConfig, run_oneshot
-    from prune_trainer.recipes.runner import git_commit
 
     torch.set_num_threads(1)
-    commit = git_commit()  # the code that runs is the code checked out now
-    done = set(done_keys)
-    results = json.loads(out_json.read_text()) if out_json.is_file() else {}
     splits = load_conll_splits(data_dir)
+    results = json.loads(out_json.read_text()) if out_json.is_file() else {}
     if "dense" not in results:
         results["dense"] = {**_dense_f1(model, splits), "trained": model_description(model)}
-        _write_json(out_json, results)
-    for calib in calibs:
-        for level in levels:
-            for method in methods:
-                for owl in _modes(method, owl_modes, allocations):
-                    if owl is True and ":" in level:
-                        continue
-                    key = setting_key(method + tag, level, owl, calib, seed)
-                    if key in results or key in done:
-                        continue
-                    pattern = level if ":" in level else "unstructured"
-                    sparsity = 0.0 if ":" in level else float(level)
-                    opts = {**(options or {}), **({"allocation": owl} if isinstance(owl, str) else {})}
-                    cfg = OneShotConfig(model=model, method=method, sparsity=sparsity, pattern=pattern,
-                                        owl=owl is True, owl_m=owl_m, calib_samples=calib, seed=seed, export=False,
-                                        options=opts)
-                    res = run_oneshot(cfg, splits, progress=False)
-                    res.pop("sparsity_per_layer", None)
-                    res["finished_at"] = time.strftime("%Y-%m-%d %H:%M:%S")
-                    res["git_commit"] = commit
-                    results[key] = res
-                    _write_json(out_json, results)
-                    print(f"{key}: f1={res['eval_f1']:.4f} sparsity={res['sparsity']:.4f} "
-                          f"prune={res['prune_time_s']:.1f}s solve={res['solve_time_s']:.1f}s", flush=True)
-    return results
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    """Atomic write (temp file + rename): a run killed mid-write leaves the previous JSON intact."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
+        atomic_write_json(out_json, results)
+    settings = _grid_settings(model, methods, levels, owl_modes, calibs, splits, owl_m, seed, options, allocations,
+                              tag)
+    return run_settings(out_json, settings, done_keys, lambda key, res: (
+        f"{key}: f1={res['eval_f1']:.4f} sparsity={res['sparsity']:.4f} "
+        f"prune={res['prune_time_s']:.1f}s solve={res['solve_time_s']:.1f}s"))
 
 
 def _dense_f1(model: str, splits: dict) -> dict[str, Any]:

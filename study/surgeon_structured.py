@@ -12,11 +12,11 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
-import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
-from study.oneshot_grid import _write_json, kept_notes
+from study.oneshot_grid import kept_notes, run_settings
 
 
 def structured_key(method: str, target: float, allocation: str, shots: int, calib: int) -> str:
@@ -39,36 +39,32 @@ def run_structured(
     data_dir: str | None = None, threads: int = 2, seq_len: int = 128, options: dict[str, Any] | None = None,
     tag: str = "",
 ) -> dict[str, Any]:
-    """Run the missing (method, target) settings; see module doc. ``options``: more `SurgeonOptions`; ``tag`` is
-    appended to the method in the keys."""
+    """Run the missing (method, target) settings (`run_settings`); see module doc. ``options``: more
+    `SurgeonOptions`; ``tag`` is appended to the method in the keys."""
     import torch
 
     from prune_trainer.data.conll import load_conll_splits
     from prune_trainer.oneshot.runner import OneShotConfig, run_oneshot
-    from prune_trainer.recipes.runner import git_commit
 
     torch.set_num_threads(1)
-    commit = git_commit()
-    results = json.loads(out_json.read_text()) if out_json.is_file() else {}
     splits = load_conll_splits(data_dir)
-    for target in targets:
-        for method in methods:
-            key = structured_key(method + tag, target, allocation, shots, calib)
-            if key in results:
-                continue
-            with tempfile.TemporaryDirectory() as tmp:
-                cfg = OneShotConfig(model=model, method=method, sparsity=target, structures=["heads", "ffn"],
-                                    calib_samples=calib, output_dir=tmp,
-                                    options={**(options or {}), "shots": shots, "allocation": allocation})
-                res = run_oneshot(cfg, splits, progress=False)
-                res.update(_bench(Path(tmp) / "model", model, threads, seq_len))
-            res["config"]["output_dir"] = None
-            res.update(finished_at=time.strftime("%Y-%m-%d %H:%M:%S"), git_commit=commit, bench_threads=threads)
-            results[key] = res
-            _write_json(out_json, results)
-            print(f"{key}: f1={res['eval_f1']:.4f} speedup b1={res['speedup_cpu_b1']} b32={res['speedup_cpu_b32']} "
-                  f"prune={res['prune_time_s']}s", flush=True)
-    return results
+
+    def run(method: str, target: float) -> dict[str, Any]:
+        with tempfile.TemporaryDirectory() as tmp:
+            cfg = OneShotConfig(model=model, method=method, sparsity=target, structures=["heads", "ffn"],
+                                calib_samples=calib, output_dir=tmp,
+                                options={**(options or {}), "shots": shots, "allocation": allocation})
+            res = run_oneshot(cfg, splits, progress=False)
+            res.update(_bench(Path(tmp) / "model", model, threads, seq_len))
+        res["config"]["output_dir"] = None
+        res["bench_threads"] = threads
+        return res
+
+    settings = ((structured_key(method + tag, target, allocation, shots, calib), partial(run, method, target))
+                for target in targets for method in methods)
+    return run_settings(out_json, settings, describe=lambda key, res: (
+        f"{key}: f1={res['eval_f1']:.4f} speedup b1={res['speedup_cpu_b1']} b32={res['speedup_cpu_b32']} "
+        f"prune={res['prune_time_s']}s"))
 
 
 def structured_markdown(results: dict[str, Any], dense_f1: float | None) -> str:
