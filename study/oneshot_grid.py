@@ -221,9 +221,10 @@ def table_markdown(results: dict[str, Any], calib: int, reference: bool = False)
     return "\n".join(lines) + "\n"
 
 
-def surgeon_markdown(results: dict[str, Any], calib: int, base_calib: int) -> str:
-    """LLM Surgeon rows (uniform and global allocation, ``calib`` sentences) beside OBS and SparseGPT (uniform, at
-    ``calib`` when measured, and at ``base_calib``): F1 and whole-pipeline / solve times."""
+def surgeon_markdown(results: dict[str, Any], calibs: Iterable[int], base_calib: int) -> str:
+    """LLM Surgeon rows (uniform and global allocation, at each of ``calibs`` sentences) beside OBS and SparseGPT
+    (uniform, at ``calibs`` when measured, and at ``base_calib``): F1 and whole-pipeline / solve times."""
+    calibs = set(calibs)
     dense = results.get("dense", {})
     dense_f1 = dense.get("eval_f1")
     lines = [
@@ -239,8 +240,8 @@ def surgeon_markdown(results: dict[str, Any], calib: int, base_calib: int) -> st
         if key == "dense":
             continue
         method, level, mode, n, _ = key.split("|")
-        if ("surgeon" in method and int(n[1:]) == calib) or (
-                method in ("obs", "sparsegpt") and mode == "uniform" and int(n[1:]) in (calib, base_calib)):
+        if ("surgeon" in method and int(n[1:]) in calibs) or (
+                method in ("obs", "sparsegpt") and mode == "uniform" and int(n[1:]) in calibs | {base_calib}):
             rows.append((level, method, mode, int(n[1:]), r))
     for level, method, mode, n, r in sorted(rows, key=lambda x: (x[0], "surgeon" not in x[1], x[1], x[2], x[3])):
         label = f"{float(level):.0%}" if ":" not in level else level
@@ -326,7 +327,7 @@ def table_command(args: argparse.Namespace) -> int:
 
 def surgeon_command(args: argparse.Namespace) -> int:
     """``oneshot-surgeon-table``: LLM Surgeon beside OBS / SparseGPT from merged grid JSONs, keeping notes."""
-    text = surgeon_markdown(merge_results(args.json), args.calib, args.base_calib)
+    text = surgeon_markdown(merge_results(args.json), [int(c) for c in args.calib.split(",")], args.base_calib)
     args.md.write_text(text + kept_notes(args.md))
     return 0
 
@@ -364,7 +365,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     u = sub.add_parser("oneshot-surgeon-table", help="LLM Surgeon rows beside OBS and SparseGPT from grid JSONs")
     u.add_argument("--json", type=Path, nargs="+", required=True, help="one or more grid JSONs (merged)")
     u.add_argument("--md", type=Path, required=True)
-    u.add_argument("--calib", type=int, required=True, help="calibration sentences of the LLM Surgeon rows")
+    u.add_argument("--calib", required=True, help="calibration sentences of the LLM Surgeon rows (comma-separated)")
     u.add_argument("--base-calib", type=int, default=4096, help="calibration sentences of the OBS/SparseGPT rows")
     u.set_defaults(func=surgeon_command)
     s = sub.add_parser("oneshot-samples", help="F1 vs calibration sentences (markdown + figure) from grid JSONs")
