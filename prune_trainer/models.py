@@ -1,4 +1,10 @@
-"""Model loading: the embedded all-MiniLM-L6-v2 BERT by default, any HF id or local path otherwise."""
+"""Model loading: the embedded all-MiniLM-L6-v2 BERT by default, any HF id or local path otherwise.
+
+A folder written by `prune_trainer.export.export_structured_model` (``config.json`` records per-layer sizes in
+``prune_trainer_structure``) or a compressed export (``compression.json``) is loaded through
+`prune_trainer.export.structured.load_pruned_model` (safetensors and JSON only), so a physically pruned model
+can be fine-tuned or serve as a teacher like any other.
+"""
 
 from __future__ import annotations
 
@@ -15,6 +21,7 @@ from transformers import (
 )
 
 from prune_trainer.data.conll import CONLL_LABELS
+from prune_trainer.export.compressed import is_compressed_dir
 from prune_trainer.export.export import WEIGHT_FILES, has_model_weights
 
 EMBEDDED_MODEL = "embedded"
@@ -66,7 +73,7 @@ def resolve_model_path(name_or_path: str | os.PathLike | None) -> str:
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"model directory {name!r} holds no config.json (not a saved model)")
-        if not has_model_weights(path):
+        if not (has_model_weights(path) or is_compressed_dir(path)):
             raise FileNotFoundError(
                 f"model directory {name!r} holds no model weights (none of {', '.join(WEIGHT_FILES)}): "
                 "an interrupted export? Train or export it again"
@@ -101,6 +108,25 @@ def check_model_labels(
         )
 
 
+def pruned_export_kind(path: str | os.PathLike) -> str | None:
+    """``"compressed"`` for a folder with ``compression.json``, ``"structured"`` for one whose ``config.json`` has
+    ``prune_trainer_structure`` (a sliced export), None otherwise (a plain folder or a hub id). Reads JSON only."""
+    import json
+
+    from prune_trainer.export.structured import STRUCTURE_FIELD
+
+    path = Path(path)
+    if not path.is_dir():
+        return None
+    if is_compressed_dir(path):
+        return "compressed"
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return "structured" if isinstance(config.get(STRUCTURE_FIELD), dict) else None
+
+
 def load_model_config(name_or_path: str | os.PathLike | None) -> PretrainedConfig:
     """The `AutoConfig` of a model (read before the weights, to validate a run cheaply)."""
     return AutoConfig.from_pretrained(resolve_model_path(name_or_path))
@@ -109,9 +135,14 @@ def load_model_config(name_or_path: str | os.PathLike | None) -> PretrainedConfi
 def load_model_and_tokenizer(
     name_or_path: str | os.PathLike | None = None, labels: tuple[str, ...] = CONLL_LABELS
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Token-classification model with ``len(labels)`` outputs (new head if the checkpoint has none)."""
+    """Token-classification model with ``len(labels)`` outputs (new head if the checkpoint has none).
+
+    A pruned export (`pruned_export_kind`) is built by `load_pruned_model` at its recorded sizes; it must already
+    be a ``len(labels)``-way token classifier (a sliced model cannot get a new head)."""
     path = resolve_model_path(name_or_path)
     tokenizer = AutoTokenizer.from_pretrained(path)
+    if pruned_export_kind(path) is not None:
+        return _load_pruned_tagger(path, labels), tokenizer
     model = AutoModelForTokenClassification.from_pretrained(
         path,
         num_labels=len(labels),
@@ -119,3 +150,15 @@ def load_model_and_tokenizer(
         label2id={label: i for i, label in enumerate(labels)},
     )
     return model, tokenizer
+
+
+def _load_pruned_tagger(path: str, labels: tuple[str, ...]) -> PreTrainedModel:
+    """A pruned export through `load_pruned_model`, checked to be a ``len(labels)``-way token classifier."""
+    from prune_trainer.export.structured import load_pruned_model
+
+    config = AutoConfig.from_pretrained(path)
+    check_model_labels(config, path, labels, require_token_head=True)
+    model = load_pruned_model(path)
+    model.config.id2label = dict(enumerate(labels))
+    model.config.label2id = {label: i for i, label in enumerate(labels)}
+    return model

@@ -114,9 +114,11 @@ class DataOptions:
 
 @dataclass
 class BenchOptions:
-    """After export, time the exported model against ``baseline`` (default: the model the run started from,
-    ``init_from`` or ``model``) with `prune_trainer.bench.bench_models`, side by side in the same process; the
-    speed-ups go into ``metrics.json`` as ``speedup_cpu_b<batch>`` (the first thread count and mode)."""
+    """After export, time the exported model against ``baseline`` (a model path or hub id, or ``teacher``: the
+    distillation teacher; default: the model the run started from, ``init_from`` or ``model``, except that a run
+    starting from a pruned export times against its distillation teacher, the dense model)
+    with `prune_trainer.bench.bench_models`, side by side in the same process; the speed-ups go into
+    ``metrics.json`` as ``speedup_cpu_b<batch>`` (the first thread count and mode)."""
 
     baseline: str | None = None
     batch_sizes: list[int] = field(default_factory=lambda: [1, 32])
@@ -216,6 +218,8 @@ class Recipe:
         self.data.validate(where)
         if self.bench is not None:
             self.bench.validate(where)
+            if self.bench.baseline == "teacher" and not self.distillation:
+                raise ValueError(f"{where}: bench.baseline is 'teacher' but the recipe has no distillation teacher")
         check_training(self.training, where)
         if self.distillation is not None:
             from prune_trainer.callbacks.distillation import check_distillation

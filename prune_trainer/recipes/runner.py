@@ -17,6 +17,11 @@ Besides F1 and sparsity, ``metrics.json`` records the run's costs: ``wall_time_s
 ``train_loss`` (mean over every step of the run), ``peak_rss_mib`` (peak resident memory of the process, from
 ``getrusage``), ``pruning_time_s`` / ``pruning_steps`` (time spent in the pruning callback's mask updates, over
 the whole run including resumed parts) and ``resumed_from_step``.
+
+A run may start from a structured export (heads / FFN neurons sliced away, `prune_trainer.recipes.pruned_start`):
+it trains the sliced model; with ``pruning: null`` the export keeps its per-layer sizes and ``sparsity`` is
+measured against the start model (with ``params`` and ``start_params``). ``bench`` then times against the
+distillation teacher by default (the dense model), not against the pruned start model.
 """
 
 from __future__ import annotations
@@ -208,6 +213,12 @@ class _Run:
     callbacks: list[Any]
     resolved: dict[str, Any]
     max_steps: int
+    start_kind: str | None = None
+    """`pruned_export_kind` of the start model (``"structured"`` for a sliced export, else None)."""
+    start_counts: dict[str, int] | None = None
+    """Weights of the start model's layer Linears (a structured start), the reference of ``sparsity``."""
+    start_params: int | None = None
+    bench_baseline: str | None = None
 
     @property
     def ckpt_dir(self) -> Path:
@@ -218,12 +229,11 @@ def _prepare(recipe: Recipe, results_root: str | os.PathLike) -> _Run:
     """Check every input, load model and data, build the callbacks; nothing is written here."""
     from transformers import set_seed
 
-    from prune_trainer.callbacks import make_pruning_callback
-    from prune_trainer.callbacks.finite import FiniteCheckCallback
     from prune_trainer.config import PruningConfig
     from prune_trainer.data import load_conll_splits, tokenize_and_align, window_sentences
     from prune_trainer.factorization import factorize_word_embeddings
     from prune_trainer.models import load_model_and_tokenizer
+    from prune_trainer.recipes.pruned_start import check_pruned_start, layer_linear_counts
 
     out_dir = Path(recipe.output_dir or Path(results_root) / recipe.name)
     data_cfg = recipe.data
@@ -238,6 +248,8 @@ def _prepare(recipe: Recipe, results_root: str | os.PathLike) -> _Run:
     args = recipe.training_arguments(out_dir / "checkpoints", **extra)
     model_src = _resolve_source(recipe)  # a missing model directory fails here, before the data is read
     _check_model_config(model_src, data_cfg.max_length)
+    start_kind = check_pruned_start(model_src, pruning_cfg)  # a compressed start, or more groups on emptied layers
+    bench_baseline = _bench_baseline(recipe, model_src, start_kind)
     splits = load_conll_splits(data_cfg.data_dir, data_cfg.hub_dataset)
     # A checkpoint without a token-classification head (the embedded model, bert-base-cased) gets a new one drawn
     # from the global RNG: seed it first, as HF's example scripts do, so the same recipe trains the same run.
@@ -253,6 +265,20 @@ def _prepare(recipe: Recipe, results_root: str | os.PathLike) -> _Run:
             windows, groups = window_sentences(splits[split][: data_cfg.max_eval_samples], tokenizer, max_length)
             eval_sets[split] = (tokenize_and_align(windows, tokenizer, max_length), groups)
     max_steps = check_training_plan(args, pruning_cfg, len(train_ds))
+    start_counts = layer_linear_counts(model) if start_kind == "structured" else None  # before any wrapping
+    start_params = sum(p.numel() for p in model.parameters()) if start_kind == "structured" else None
+    pruner, callbacks = _make_callbacks(recipe, model, pruning_cfg)
+    resolved = {**recipe.to_dict(), "model_path": model_src, "training": training, "max_steps": max_steps}
+    resolved.pop("description")  # the run's identity: everything that changes what it computes
+    return _Run(recipe, out_dir, training, args, model, tokenizer, train_ds, eval_sets, pruning_cfg, pruner,
+                callbacks, resolved, max_steps, start_kind, start_counts, start_params, bench_baseline)
+
+
+def _make_callbacks(recipe: Recipe, model: Any, pruning_cfg: Any) -> tuple[Any, list[Any]]:
+    """The pruning callback (or None) and every callback of the run: pruning, distillation, finite checks."""
+    from prune_trainer.callbacks import make_pruning_callback
+    from prune_trainer.callbacks.finite import FiniteCheckCallback
+
     callbacks: list[Any] = []
     pruner = None
     if pruning_cfg is not None:
@@ -263,10 +289,34 @@ def _prepare(recipe: Recipe, results_root: str | os.PathLike) -> _Run:
 
         callbacks.append(make_distillation_callback(model, recipe.distillation, recipe.init_from))
     callbacks.append(FiniteCheckCallback(recipe.on_nonfinite))
-    resolved = {**recipe.to_dict(), "model_path": model_src, "training": training, "max_steps": max_steps}
-    resolved.pop("description")  # the run's identity: everything that changes what it computes
-    return _Run(recipe, out_dir, training, args, model, tokenizer, train_ds, eval_sets, pruning_cfg, pruner,
-                callbacks, resolved, max_steps)
+    return pruner, callbacks
+
+
+def _teacher_source(recipe: Recipe) -> str | None:
+    """The distillation teacher's path or hub id as given (``init_from`` resolved), or None without distillation."""
+    if not recipe.distillation:
+        return None
+    teacher = recipe.distillation.get("teacher", "init_from")
+    return recipe.init_from if teacher == "init_from" else teacher
+
+
+def _bench_baseline(recipe: Recipe, model_src: str, start_kind: str | None) -> str | None:
+    """The model ``bench`` times the export against, checked before the run: ``bench.baseline`` (a path, or
+    ``teacher``: the distillation teacher); by default the start model, or the teacher when the start model is
+    itself a pruned export (the speed-up that matters is against the dense model)."""
+    from prune_trainer.models import resolve_model_path
+
+    opts = recipe.bench
+    if opts is None:
+        return None
+    teacher = _teacher_source(recipe)  # bench.baseline 'teacher' without distillation is refused by Recipe
+    if opts.baseline is None and not (start_kind and teacher):
+        return model_src
+    baseline = teacher if opts.baseline in (None, "teacher") else opts.baseline
+    try:
+        return resolve_model_path(baseline)
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"bench.baseline: {err}") from err
 
 
 def _train(run: _Run, resumed_from: int | None, start: float) -> tuple[Any, dict[str, float]]:
@@ -307,6 +357,7 @@ def _evaluate_and_export(run: _Run, trainer: Any) -> tuple[dict[str, Any], dict[
     from prune_trainer.data import make_compute_metrics
     from prune_trainer.export import export_pruned_model
     from prune_trainer.factorization import merge_word_embeddings
+    from prune_trainer.recipes.pruned_start import fixed_structure_report
 
     metrics: dict[str, Any] = {"name": run.recipe.name}
     for split, (ds, groups) in run.eval_sets.items():
@@ -318,6 +369,10 @@ def _evaluate_and_export(run: _Run, trainer: Any) -> tuple[dict[str, Any], dict[
         merge_word_embeddings(run.model)  # plain nn.Embedding holding A B: a standard checkpoint
     if isinstance(run.pruner, GroupPruningCallback):  # heads / FFN neurons removed: export the smaller model
         report = _export_structured(run)
+    elif run.start_kind == "structured" and run.pruner is None:  # a sliced model fine-tuned at a fixed structure
+        export_pruned_model(run.model, run.out_dir / "model", run.tokenizer, method="dense",
+                            config=run.recipe.to_dict())
+        report = fixed_structure_report(run.start_counts, run.start_params, run.out_dir / "model")
     else:
         report = export_pruned_model(
             run.model,
@@ -350,6 +405,7 @@ def _export_structured(run: _Run) -> dict[str, Any]:
         "structure": sizes,
         "params": sum(p.numel() for p in exported.parameters()),
         "model_mib": weights_mib(run.out_dir / "model"),
+        **({"start_params": run.start_params} if run.start_params is not None else {}),
     }
 
 
@@ -358,7 +414,7 @@ def _bench(run: _Run) -> dict[str, Any]:
     from prune_trainer.bench import bench_models, speedup_metrics
 
     opts = run.recipe.bench
-    baseline = opts.baseline or run.resolved["model_path"]
+    baseline = run.bench_baseline
     print(f"bench: {run.out_dir / 'model'} against {baseline}")
     report = bench_models(  # loads and times both models on the CPU
         run.out_dir / "model", baseline, batch_sizes=tuple(opts.batch_sizes), seq_len=opts.seq_len,
@@ -389,7 +445,7 @@ def run_recipe(
             {
                 "sparsity": report["global_sparsity"],
                 "sparsity_per_layer": report["per_layer"],
-                **{k: report[k] for k in ("structure", "params", "model_mib") if k in report},
+                **{k: report[k] for k in ("structure", "params", "start_params", "model_mib") if k in report},
                 "train_loss": totals["train_loss_sum"] / max(trainer.state.global_step, 1),
                 "train_steps": trainer.state.global_step,
                 "resumed_from_step": resumed_from or 0,
