@@ -28,6 +28,7 @@ from prune_trainer.callbacks import (
 )
 from prune_trainer.config import PruningConfig
 from prune_trainer.data import load_conll_splits, make_compute_metrics, tokenize_and_align
+from prune_trainer.data.span_corruption import span_corruption_pairs
 from prune_trainer.data.text import calibration_windows, load_text, tokenize_text
 from prune_trainer.export import (
     OrtTokenClassifier,
@@ -46,6 +47,7 @@ from prune_trainer.llm import (
     mask_lora_updates,
     merge_lora_keep_mask,
     perplexity,
+    seq2seq_perplexity,
 )
 from prune_trainer.masking import (
     MaskedConv1D,
@@ -93,4 +95,6 @@ __all__ = [
     # causal language models: loading, text, perplexity, LoRA
     "load_causal_lm", "load_text", "tokenize_text", "calibration_windows", "perplexity", "PerplexityResult",
     "merge_lora_keep_mask", "mask_lora_updates",
+    # seq2seq (T5): target-token perplexity, span corruption
+    "seq2seq_perplexity", "span_corruption_pairs",
 ]

@@ -165,7 +165,8 @@ def _add_oneshot_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--targets", nargs="+", metavar="REGEX",
                    help="regexes of the Linear names to prune (default: the model family's preset)")
     p.add_argument("--eval-file", help="sequence classification: JSON Lines of {text, label} to measure accuracy on; "
-                   "causal LM: a text file for the perplexity (default: the CoNLL-2003 validation text)")
+                   "causal LM: a text file for the perplexity (default: the CoNLL-2003 validation text); seq2seq: "
+                   "JSON Lines of {source, target} (default: T5 span corruption of the validation text)")
     p.add_argument("--method", default="sparsegpt",
                    help="magnitude | wanda | sparsegpt | obs | llm-surgeon | k-obd | structured-obs | "
                    "structured-magnitude")
@@ -186,8 +187,9 @@ def _add_oneshot_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--calib-samples", type=int, default=4096, help="calibration sentences from train (default 4096)")
     p.add_argument("--seed", type=int, default=0, help="seed of the calibration sample")
     p.add_argument("--max-length", "--seqlen", type=int, default=128, dest="max_length",
-                   help="tokens per calibration sentence; causal LM: calibration and perplexity window (default 128)")
-    p.add_argument("--calib-text", help="causal LM: text source of the calibration windows: a text file, "
+                   help="tokens per calibration sentence; causal LM, seq2seq: calibration and perplexity window "
+                   "(default 128)")
+    p.add_argument("--calib-text", help="causal LM, seq2seq: text source of the calibration windows: a text file, "
                    "conll-train or wikitext2-train (default: the CoNLL-2003 training text)")
     p.add_argument("--eval-windows", type=int, default=None,
                    help="causal LM: score only this many perplexity windows, evenly spaced (default: all)")

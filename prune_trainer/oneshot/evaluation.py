@@ -18,6 +18,7 @@ from prune_trainer.data import entity_scores, stitch_windows, tokenize_and_align
 from prune_trainer.data.conll import CONLL_LABELS, Sentence
 from prune_trainer.data.tokenize import IGNORE_INDEX
 from prune_trainer.llm.perplexity import evaluate_causal_lm
+from prune_trainer.llm.seq2seq import check_seq2seq_eval_data, evaluate_seq2seq
 
 
 @torch.no_grad()
@@ -127,13 +128,16 @@ TASK_EVALUATORS: dict[str, Evaluator] = {
     "token-classification": evaluate_token_classification,
     "sequence-classification": evaluate_sequence_classification,
     "causal-lm": evaluate_causal_lm,
+    "seq2seq": evaluate_seq2seq,
 }
 """Task → its evaluation in the one-shot job (`evaluate_task`). A task without an entry runs only with evaluation
-off (``evaluate=False`` / ``--no-eval``); causal-lm: perplexity (`prune_trainer.llm.perplexity.evaluate_causal_lm`)."""
+off (``evaluate=False`` / ``--no-eval``); causal-lm: perplexity (`prune_trainer.llm.perplexity.evaluate_causal_lm`);
+seq2seq: target-token perplexity (`prune_trainer.llm.seq2seq.evaluate_seq2seq`)."""
 
 
-def check_evaluation(task: str, cfg: Any) -> None:
-    """Before any work: ValueError when ``task`` has no evaluator, or its evaluator lacks its data."""
+def check_evaluation(task: str, cfg: Any, tokenizer: Any = None) -> None:
+    """Before any work: ValueError when ``task`` has no evaluator, or its evaluator lacks its data (a seq2seq
+    ``eval_file`` is parsed; without one, a given ``tokenizer`` must have T5's sentinel tokens)."""
     if task not in TASK_EVALUATORS:
         raise ValueError(
             f"no evaluation is available for task {task!r} (available: {sorted(TASK_EVALUATORS)}); "
@@ -142,10 +146,12 @@ def check_evaluation(task: str, cfg: Any) -> None:
     if task == "sequence-classification" and not cfg.eval_file:
         raise ValueError("sequence-classification evaluation needs eval_file (--eval-file, JSON Lines of text and "
                          "label), or evaluate=False (--no-eval)")
+    if task == "seq2seq":
+        check_seq2seq_eval_data(cfg, tokenizer)
 
 
 def evaluate_task(task: str, model: nn.Module, tokenizer: Any, splits: dict[str, list[Sentence]],
                   cfg: Any) -> dict[str, Any]:
     """The dispatch point of the one-shot job's evaluation: ``TASK_EVALUATORS[task](model, tokenizer, splits, cfg)``."""
-    check_evaluation(task, cfg)
+    check_evaluation(task, cfg, tokenizer)
     return TASK_EVALUATORS[task](model, tokenizer, splits, cfg)

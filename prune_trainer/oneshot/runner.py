@@ -17,10 +17,12 @@ from typing import Any
 import torch
 
 from prune_trainer.data.conll import Sentence, load_conll_splits
+from prune_trainer.data.span_corruption import has_sentinels
 from prune_trainer.data.text import load_text, sentences_text, tokenize_text, window_batches
 from prune_trainer.devices import device_description, resolve_device
 from prune_trainer.io import atomic_write_json
 from prune_trainer.llm.models import context_length
+from prune_trainer.llm.seq2seq import span_corruption_batches
 from prune_trainer.masking.inject import DEFAULT_EXCLUDE, find_target_linears
 from prune_trainer.masking.selection import check_sparsity, parse_pattern
 from prune_trainer.oneshot.calibration import (
@@ -49,12 +51,14 @@ class OneShotConfig(Options):
     ``options``: keyword options of the method's pruner (e.g. ``{"percdamp": 0.01, "lazy": 64}`` for OBS; an
     unknown key is an error naming the pruner's options). ``task``: None (from the checkpoint's architectures) or a
     `TASKS` name; ``targets``/``exclude``: regexes (None: the family preset, `MODEL_FAMILIES`); ``eval_file``: the
-    labelled texts (JSON Lines) a sequence-classification model is evaluated on, or the text a causal LM's perplexity
-    is measured on. Causal LM: ``max_length`` is the calibration and perplexity window (``seqlen``), ``calib_text``
-    a text source (`load_text`: a file, ``conll-train``, ``wikitext2-train``; None: the CoNLL-2003 training text)
-    the calibration windows are drawn from, ``eval_windows`` caps the perplexity windows (evenly spaced; None: the
-    whole text). ``owl_scope``: OWL's outlier ratio per target Linear (``linear``) or per transformer block over
-    all its targets (``block``, as Yin et al. 2024; with ``owl_m=5``, ``owl_lambda=0.08`` their LLaMA settings).
+    labelled texts (JSON Lines) a sequence-classification model is evaluated on, the text a causal LM's perplexity
+    is measured on, or a seq2seq model's (source, target) pairs (JSON Lines; None: T5 span corruption of the
+    validation text). Causal LM and seq2seq: ``max_length`` is the calibration and perplexity window (``seqlen``),
+    ``calib_text`` a text source (`load_text`: a file, ``conll-train``, ``wikitext2-train``; None: the CoNLL-2003
+    training text) the calibration windows are drawn from (seq2seq: span-corrupted); ``eval_windows`` caps the
+    causal-LM perplexity windows (evenly spaced; None: the whole text). ``owl_scope``: OWL's outlier ratio per
+    target Linear (``linear``) or per transformer block over all its targets (``block``, as Yin et al. 2024; with
+    ``owl_m=5``, ``owl_lambda=0.08`` their LLaMA settings).
     For ``llm-surgeon`` / ``k-obd`` / ``structured-obs``, ``options`` are `SurgeonOptions` (e.g. ``{"shots": 5,
     "allocation": "global"}``) and ``structures``: ``["heads", "ffn"]`` (or one of them) prunes those coupled
     structures instead of elements (``sparsity`` is then the fraction of their weights removed; the export is the
@@ -155,6 +159,8 @@ def run_oneshot(
     device = resolve_device(cfg.device)
     model, tokenizer, _ = load_model_for_task(model_path, task)
     model.to(device).eval()
+    if cfg.evaluate:
+        check_evaluation(task, cfg, tokenizer)  # what only the tokenizer tells (seq2seq: sentinels), before pruning
     if cfg.method in SURGEON_METHODS:
         pruned = _prune_surgeon(model, tokenizer, splits, cfg, progress)
     else:
@@ -183,15 +189,24 @@ def run_oneshot(
 
 def _calibration(model: torch.nn.Module, tokenizer: Any, splits: dict[str, list[Sentence]], task: str,
                  cfg: OneShotConfig) -> list[dict[str, torch.Tensor]]:
-    """Calibration batches: random windows of the training text for a causal LM (SparseGPT's sampling, within
-    the model's context), else sentences of the training split."""
+    """Calibration batches: random windows of the training text (``calib_text`` or CoNLL-2003's) for a causal LM
+    (SparseGPT's sampling, within the model's context) and, span-corrupted, for a seq2seq model whose tokenizer has
+    T5's sentinels; else sentences of the training split (a seq2seq decoder then reads the source shifted right)."""
     if task == "causal-lm":
         seqlen = min(cfg.max_length, context_length(model) or cfg.max_length)
-        text = load_text(cfg.calib_text, cfg.data_dir) if cfg.calib_text else sentences_text(splits["train"])
-        return window_batches(tokenize_text(text, tokenizer), cfg.calib_samples, cfg.calib_batch_size, seqlen,
-                              cfg.seed)
+        return window_batches(tokenize_text(_calib_text(splits, cfg), tokenizer), cfg.calib_samples,
+                              cfg.calib_batch_size, seqlen, cfg.seed)
+    if task == "seq2seq" and has_sentinels(tokenizer):
+        return span_corruption_batches(model, tokenizer, tokenize_text(_calib_text(splits, cfg), tokenizer),
+                                       cfg.calib_samples, cfg.calib_batch_size, cfg.max_length, cfg.seed)
     return calibration_batches(splits["train"], tokenizer, cfg.calib_samples, cfg.calib_batch_size,
                                cfg.max_length, cfg.seed, split_words=task == "token-classification")
+
+
+def _calib_text(splits: dict[str, list[Sentence]], cfg: OneShotConfig) -> str:
+    """The text calibration windows are drawn from: ``cfg.calib_text`` (`load_text`), else the CoNLL-2003 train
+    split."""
+    return load_text(cfg.calib_text, cfg.data_dir) if cfg.calib_text else sentences_text(splits["train"])
 
 
 def _prune_surgeon(
