@@ -39,16 +39,22 @@ def test_explicit_task_must_match_the_head(tmp_path):
         OneShotConfig(model=str(path), task="lm").validate()
 
 
+def test_a_task_without_an_evaluator_is_an_error_before_work(tmp_path, conll_dir, monkeypatch):
+    path = _save(tiny_family_model("gpt2"), tmp_path / "gpt2")
+    monkeypatch.delitem(TASK_EVALUATORS, "causal-lm")
+    cfg = OneShotConfig(model=str(path), method="sparsegpt", sparsity=0.5, calib_samples=16, data_dir=str(conll_dir),
+                        output_dir=str(tmp_path / "out"))
+    with pytest.raises(ValueError, match="no evaluation is available for task 'causal-lm'"):
+        run_oneshot(cfg, progress=False)
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("family", ["gpt2", "t5"])
 def test_causal_and_seq2seq_checkpoints_are_pruned_with_their_own_head(family, tmp_path, conll_dir):
     path = _save(tiny_family_model(family), tmp_path / family)
     cfg = OneShotConfig(model=str(path), method="sparsegpt", sparsity=0.5, calib_samples=16, data_dir=str(conll_dir),
                         output_dir=str(tmp_path / "out"))
     task = "causal-lm" if family == "gpt2" else "seq2seq"
-    if task not in TASK_EVALUATORS:  # a task without an evaluator runs only with evaluate=False; error before work
-        with pytest.raises(ValueError, match="no evaluation is available for task"):
-            run_oneshot(cfg, progress=False)
-        assert not (tmp_path / "out").exists()
     res = run_oneshot(cfg.replace(evaluate=False), progress=False)
     assert res["task"] == task
     assert res["sparsity"] == pytest.approx(0.5, abs=0.01) and res["calib_tokens"] > 0
@@ -75,6 +81,19 @@ def test_sequence_classification_accuracy(tmp_path, conll_dir):
     cfg = OneShotConfig(model=str(path), method="wanda", sparsity=0.5, calib_samples=16, data_dir=str(conll_dir))
     with pytest.raises(ValueError, match="needs eval_file"):
         run_oneshot(cfg, progress=False)
+    bad = tmp_path / "bad.jsonl"  # errors name file:line before the data is read or anything written
+    for text, why in (('{"text": "a", "label": 0}\n{"text": "b", "label": ', "not valid JSON"),
+                      ('{"text": "a", "label": "maybe"}', "not one of the model's labels")):
+        bad.write_text(text)
+        with pytest.raises(ValueError, match=f"{bad.name}:[12]: .*{why}"):
+            run_oneshot(cfg.replace(eval_file=str(bad), data_dir=str(tmp_path / "none"),
+                                    output_dir=str(tmp_path / "bad_out")), progress=False)
+        assert not (tmp_path / "bad_out").exists()
+    no_export = run_oneshot(cfg.replace(eval_file=str(eval_file), output_dir=str(tmp_path / "noexp"), export=False),
+                            progress=False)
+    written = json.loads((tmp_path / "noexp" / "results.json").read_text())
+    assert written["sparsity"] == no_export["sparsity"] == pytest.approx(0.5, abs=0.01)
+    assert not (tmp_path / "noexp" / "model").exists()
     res = run_oneshot(cfg.replace(eval_file=str(eval_file), output_dir=str(tmp_path / "out")), progress=False)
     assert res["task"] == "sequence-classification" and res["eval_examples"] == 3
     assert res["sparsity"] == pytest.approx(0.5, abs=0.01)

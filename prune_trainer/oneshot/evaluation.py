@@ -80,7 +80,10 @@ def read_labelled_texts(path: str | Path, label2id: dict[str, int]) -> tuple[lis
     for n, line in enumerate(Path(path).read_text().splitlines(), 1):
         if not line.strip():
             continue
-        row = json.loads(line)
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}:{n}: not valid JSON ({err.msg}): {line[:80]!r}") from None
         if not isinstance(row, dict) or "text" not in row or "label" not in row:
             raise ValueError(f"{path}:{n}: each line must be a JSON object with 'text' and 'label', got {line[:80]!r}")
         label = row["label"]
@@ -135,9 +138,10 @@ off (``evaluate=False`` / ``--no-eval``); causal-lm: perplexity (`prune_trainer.
 seq2seq: target-token perplexity (`prune_trainer.llm.seq2seq.evaluate_seq2seq`)."""
 
 
-def check_evaluation(task: str, cfg: Any, tokenizer: Any = None) -> None:
-    """Before any work: ValueError when ``task`` has no evaluator, or its evaluator lacks its data (a seq2seq
-    ``eval_file`` is parsed; without one, a given ``tokenizer`` must have T5's sentinel tokens)."""
+def check_evaluation(task: str, cfg: Any, tokenizer: Any = None, label2id: dict[str, int] | None = None) -> None:
+    """Before any work: ValueError when ``task`` has no evaluator, or its evaluator lacks its data (a seq2seq or
+    sequence-classification ``eval_file`` is parsed — the latter against ``label2id`` when given; without a file, a
+    given ``tokenizer`` must have T5's sentinel tokens)."""
     if task not in TASK_EVALUATORS:
         raise ValueError(
             f"no evaluation is available for task {task!r} (available: {sorted(TASK_EVALUATORS)}); "
@@ -146,6 +150,8 @@ def check_evaluation(task: str, cfg: Any, tokenizer: Any = None) -> None:
     if task == "sequence-classification" and not cfg.eval_file:
         raise ValueError("sequence-classification evaluation needs eval_file (--eval-file, JSON Lines of text and "
                          "label), or evaluate=False (--no-eval)")
+    if task == "sequence-classification" and label2id is not None:
+        read_labelled_texts(cfg.eval_file, label2id)
     if task == "seq2seq":
         check_seq2seq_eval_data(cfg, tokenizer)
 

@@ -153,8 +153,8 @@ def run_oneshot(
         check_model_labels(config, cfg.model, require_token_head=True)
     elif cfg.method in SURGEON_METHODS:
         raise ValueError(f"{cfg.method} needs a token-classification checkpoint (labelled CoNLL batches); got {task}")
-    if cfg.evaluate:
-        check_evaluation(task, cfg)
+    if cfg.evaluate:  # a sequence-classification eval_file is read here against the checkpoint's labels
+        check_evaluation(task, cfg, label2id=dict(getattr(config, "label2id", None) or {}))
     splits = splits if splits is not None else load_conll_splits(cfg.data_dir)
     device = resolve_device(cfg.device)
     model, tokenizer, _ = load_model_for_task(model_path, task)
@@ -181,6 +181,8 @@ def run_oneshot(
                                      config=asdict(cfg), layer_names=_target_names(model, cfg))
             results["sparsity"] = sp["global_sparsity"]
             results["sparsity_per_layer"] = sp["per_layer"]
+        else:
+            results["sparsity"] = _measured_sparsity(model, cfg)
         atomic_write_json(out / RESULTS_FILE, results)  # after model/: its presence marks the setting done
     if "sparsity" not in results:
         results["sparsity"] = _measured_sparsity(model, cfg)
