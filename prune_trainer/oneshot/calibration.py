@@ -123,6 +123,24 @@ def labelled_calibration_batches(
     return out
 
 
+def next_token_labels(batches: list[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
+    """Causal-LM calibration batches with the language model's own targets: ``labels[t] = input_ids[t+1]``
+    (the next token; HF's shifted loss written per position), -100 where there is no real next token (the last
+    position, padding), and ``token_mask``: the positions with a target, over which KFAC averages (`collect_kfac`).
+    The next-token cross-entropy is the loss van der Ouderaa et al. (2024, App. B) prune OPT and Llama-2 with."""
+    from prune_trainer.data.tokenize import IGNORE_INDEX
+
+    out = []
+    for batch in batches:
+        ids, mask = batch["input_ids"], batch["attention_mask"].bool()
+        has_next = torch.zeros_like(mask)
+        has_next[:, :-1] = mask[:, :-1] & mask[:, 1:]
+        labels = torch.full_like(ids, IGNORE_INDEX)
+        labels[:, :-1] = ids[:, 1:]
+        out.append({**batch, "labels": labels.masked_fill(~has_next, IGNORE_INDEX), "token_mask": has_next})
+    return out
+
+
 def model_device(model: nn.Module) -> torch.device:
     """The device of the model's parameters (calibration batches and statistics go there)."""
     return next(model.parameters()).device

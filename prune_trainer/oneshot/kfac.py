@@ -3,10 +3,12 @@ van der Ouderaa et al. 2024, "The LLM Surgeon", §3.1).
 
 ``A = E[ã ãᵀ]`` over the layer's inputs ``ã = [a; 1]`` (the constant 1 carries the bias: the weight matrix is
 ``[W | b]``), ``G = E[g gᵀ]`` over the gradients ``g = ∂ℓ/∂(Wa + b)`` of the per-token loss with respect to the
-layer's outputs, both averaged over the real (non-padding) calibration tokens. The loss is the model's own
-token-classification cross-entropy, summed over the labelled tokens, with the data's labels (``"empirical"``) or
-labels drawn from the model's predictive distribution (``"sampled"``: the true Fisher). A forward hook adds
-``ã ãᵀ``; a hook on the output tensor adds ``g gᵀ`` in the backward pass.
+layer's outputs, both averaged over the calibration tokens (a batch's ``token_mask``, else its non-padding tokens).
+The loss is the model's own cross-entropy per position, summed over the labelled positions: a token classifier's
+tags, or a causal LM's next tokens (`next_token_labels`: ``labels[t] = input_ids[t+1]``, only positions with a
+next token counted), with the data's labels (``"empirical"``) or labels drawn from the model's predictive
+distribution at each position (``"sampled"``: the true Fisher). A forward hook adds ``ã ãᵀ``; a hook on the output
+tensor adds ``g gᵀ`` in the backward pass.
 
 Memory: ``(C+1)² + R²`` float64 numbers per Linear (``R × C`` weight). `plan_passes` groups the Linears into
 calibration passes whose factors fit under a limit (one pass when all fit; one Linear per pass at worst), and a
@@ -144,7 +146,8 @@ def collect_kfac(
     seed: int = 0,
 ) -> dict[str, KroneckerFactors]:
     """KFAC factors of the Linears ``names`` from labelled calibration ``batches`` (``input_ids``,
-    ``attention_mask``, ``labels``; see module doc). ``with_g=False``: only ``A`` (no backward pass; ``G = I``)."""
+    ``attention_mask``, ``labels`` aligned with the logits, optional ``token_mask``: the positions averaged over,
+    default the attention mask; see module doc). ``with_g=False``: only ``A`` (no backward pass; ``G = I``)."""
     if not batches:
         raise ValueError("empty calibration data: no batches given")
     if labels not in ("empirical", "sampled"):
@@ -169,7 +172,8 @@ def collect_kfac(
         for batch in batches:
             batch = {k: v.to(device) for k, v in batch.items()}
             target = batch.pop("labels")
-            state["mask"] = batch["attention_mask"].bool()
+            token_mask = batch.pop("token_mask", None)
+            state["mask"] = (batch["attention_mask"] if token_mask is None else token_mask).bool()
             with torch.set_grad_enabled(with_g):
                 logits = model(**batch).logits
                 if with_g:

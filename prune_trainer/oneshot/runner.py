@@ -28,6 +28,7 @@ from prune_trainer.masking.selection import check_sparsity, parse_pattern
 from prune_trainer.oneshot.calibration import (
     calibration_batches,
     labelled_calibration_batches,
+    next_token_labels,
     prune_sequential,
     wanda_outlier_ratios,
 )
@@ -40,6 +41,8 @@ from prune_trainer.structures import STRUCTURE_KINDS
 from prune_trainer.tasks import check_task, load_model_for_task, task_of
 
 RESULTS_FILE = "results.json"
+SURGEON_TASKS = ("token-classification", "causal-lm")
+"""Tasks whose checkpoints LLM Surgeon's methods prune: their own loss on labelled calibration batches gives ``G``."""
 OWL_SCOPES = ("linear", "block")
 """Where OWL's outlier ratio ``D_l`` is measured: per target Linear, or per transformer block (Yin et al. 2024)."""
 
@@ -62,7 +65,8 @@ class OneShotConfig(Options):
     For ``llm-surgeon`` / ``k-obd`` / ``structured-obs``, ``options`` are `SurgeonOptions` (e.g. ``{"shots": 5,
     "allocation": "global"}``) and ``structures``: ``["heads", "ffn"]`` (or one of them) prunes those coupled
     structures instead of elements (``sparsity`` is then the fraction of their weights removed; the export is the
-    physically smaller model)."""
+    physically smaller model); they prune token-classification checkpoints (``G`` from the CoNLL tags) and causal
+    LMs (``G`` from the next-token loss on the calibration windows)."""
 
     section = "one-shot config"
 
@@ -121,8 +125,9 @@ class OneShotConfig(Options):
             raise ValueError(f"structures {self.structures} and pattern {self.pattern!r} exclude each other")
         if self.owl:
             raise ValueError(f"{self.method} allocates sparsity itself (options.allocation); OWL does not apply")
-        if self.task not in (None, "token-classification"):
-            raise ValueError(f"{self.method} needs labelled token-classification batches; task {self.task!r} is not")
+        if self.task not in (None, *SURGEON_TASKS):
+            raise ValueError(f"{self.method} needs a model with its own loss on calibration batches "
+                             f"({list(SURGEON_TASKS)}); task {self.task!r} is not")
 
     def _validate_layer_method(self) -> None:
         method = get_method(self.method)
@@ -151,8 +156,9 @@ def run_oneshot(
     task = task_of(config, cfg.task, cfg.model)
     if task == "token-classification":
         check_model_labels(config, cfg.model, require_token_head=True)
-    elif cfg.method in SURGEON_METHODS:
-        raise ValueError(f"{cfg.method} needs a token-classification checkpoint (labelled CoNLL batches); got {task}")
+    elif cfg.method in SURGEON_METHODS and task not in SURGEON_TASKS:
+        raise ValueError(f"{cfg.method} needs a token-classification or causal-LM checkpoint (the model's own loss "
+                         f"on labelled calibration batches); got {task}")
     if cfg.evaluate:  # a sequence-classification eval_file is read here against the checkpoint's labels
         check_evaluation(task, cfg, label2id=dict(getattr(config, "label2id", None) or {}))
     splits = splits if splits is not None else load_conll_splits(cfg.data_dir)
@@ -162,7 +168,7 @@ def run_oneshot(
     if cfg.evaluate:
         check_evaluation(task, cfg, tokenizer)  # what only the tokenizer tells (seq2seq: sentinels), before pruning
     if cfg.method in SURGEON_METHODS:
-        pruned = _prune_surgeon(model, tokenizer, splits, cfg, progress)
+        pruned = _prune_surgeon(model, tokenizer, splits, task, cfg, progress)
     else:
         pruned = _prune(model, _calibration(model, tokenizer, splits, task, cfg), cfg, progress)
     results: dict[str, Any] = {"config": asdict(cfg), "task": task, **pruned}
@@ -212,15 +218,20 @@ def _calib_text(splits: dict[str, list[Sentence]], cfg: OneShotConfig) -> str:
 
 
 def _prune_surgeon(
-    model: torch.nn.Module, tokenizer: Any, splits: dict[str, list[Sentence]], cfg: OneShotConfig, progress: bool
+    model: torch.nn.Module, tokenizer: Any, splits: dict[str, list[Sentence]], task: str, cfg: OneShotConfig,
+    progress: bool,
 ) -> dict[str, Any]:
-    """LLM Surgeon and its baselines (`surgeon_prune`) from labelled calibration batches."""
+    """LLM Surgeon and its baselines (`surgeon_prune`) from labelled calibration batches: CoNLL sentences with
+    their tags (token classification), or the causal-LM calibration windows with their next tokens."""
     nm = parse_pattern(cfg.pattern)
     prunen, prunem = nm if nm else (0, 0)
     start = time.perf_counter()
-    batches = labelled_calibration_batches(
-        splits["train"], tokenizer, cfg.calib_samples, cfg.calib_batch_size, cfg.max_length, cfg.seed
-    )
+    if task == "causal-lm":
+        batches = next_token_labels(_calibration(model, tokenizer, splits, task, cfg))
+    else:
+        batches = labelled_calibration_batches(
+            splits["train"], tokenizer, cfg.calib_samples, cfg.calib_batch_size, cfg.max_length, cfg.seed
+        )
     opts = SurgeonOptions.from_dict(cfg.options)
     report = surgeon_prune(model, batches, cfg.method, cfg.sparsity, _target_names(model, cfg), prunen, prunem,
                            cfg.structures or None, opts, progress)

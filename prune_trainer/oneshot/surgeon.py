@@ -343,7 +343,8 @@ def surgeon_prune(
 ) -> SurgeonReport:
     """Prune ``model`` in place with ``variant`` (`SURGEON_METHODS`) to ``sparsity``: of the Linears ``names``
     (unstructured, or N:M when ``prunem``), or of the coupled weights of ``structures`` (``["heads", "ffn"]``).
-    ``batches``: labelled calibration batches (`labelled_calibration_batches`). Prints the KFAC factor sizes first;
+    ``batches``: labelled calibration batches (`labelled_calibration_batches`; a causal LM's windows through
+    `next_token_labels`). Prints the KFAC factor sizes first;
     a Linear whose factors exceed ``options.memory_limit_mib`` is a ValueError before any pass."""
     opts = options or SurgeonOptions()
     if variant not in SURGEON_METHODS:
