@@ -10,7 +10,6 @@ for its calibration.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from prune_trainer.data.conll import Sentence
+from prune_trainer.data.jsonl import read_jsonl_objects
 from prune_trainer.data.span_corruption import sentinel_ids, span_corruption_pairs
 from prune_trainer.data.text import random_windows, sentences_text, tokenize_text
 from prune_trainer.data.tokenize import IGNORE_INDEX
@@ -45,22 +45,7 @@ class Seq2SeqPerplexity:
 def read_pairs(path: str | Path) -> list[tuple[str, str]]:
     """``(source, target)`` texts of a JSON Lines file of ``{"source": str, "target": str}`` objects (blank lines
     skipped); ValueError naming ``file:line`` for a line that is not such an object, or when there is none."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"seq2seq eval file {str(path)!r} does not exist")
-    pairs = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{n}: not valid JSON ({e.msg}): {line[:80]!r}") from None
-        if not isinstance(row, dict) or not isinstance(row.get("source"), str) or \
-                not isinstance(row.get("target"), str):
-            raise ValueError(f"{path}:{n}: each line must be a JSON object with string 'source' and 'target', "
-                             f"got {line[:80]!r}")
-        pairs.append((row["source"], row["target"]))
+    pairs = [(row["source"], row["target"]) for _, row in read_jsonl_objects(path, {"source": str, "target": str})]
     if not pairs:
         raise ValueError(f"{path}: no (source, target) pairs in the file")
     return pairs

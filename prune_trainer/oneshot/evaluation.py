@@ -3,7 +3,6 @@ accuracy of a sequence-classification model on labelled texts, and the dispatch 
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -16,6 +15,7 @@ from transformers import DataCollatorForTokenClassification
 
 from prune_trainer.data import entity_scores, stitch_windows, tokenize_and_align, window_sentences
 from prune_trainer.data.conll import CONLL_LABELS, Sentence
+from prune_trainer.data.jsonl import read_jsonl_objects
 from prune_trainer.data.tokenize import IGNORE_INDEX
 from prune_trainer.llm.perplexity import evaluate_causal_lm
 from prune_trainer.llm.seq2seq import check_seq2seq_eval_data, evaluate_seq2seq
@@ -77,15 +77,7 @@ def evaluate_accuracy(
 def read_labelled_texts(path: str | Path, label2id: dict[str, int]) -> tuple[list[str], list[int]]:
     """Texts and label ids from a JSON Lines file of ``{"text": ..., "label": <id or name>}`` objects."""
     texts, labels = [], []
-    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}:{n}: not valid JSON ({err.msg}): {line[:80]!r}") from None
-        if not isinstance(row, dict) or "text" not in row or "label" not in row:
-            raise ValueError(f"{path}:{n}: each line must be a JSON object with 'text' and 'label', got {line[:80]!r}")
+    for n, row in read_jsonl_objects(path, {"text": str, "label": (int, str)}):
         label = row["label"]
         if isinstance(label, str):
             if label not in label2id:
