@@ -31,6 +31,16 @@ def test_every_public_name_is_importable_from_the_top():
         assert name in prune_trainer.__all__, name
 
 
+def test_the_api_page_lists_each_public_name_once():
+    """docs/api.md: one table row per name (merges had left stale second rows)."""
+    from collections import Counter
+    from pathlib import Path
+
+    page = (Path(__file__).resolve().parents[1] / "docs" / "api.md").read_text()
+    rows = [line.split("|")[1].strip() for line in page.splitlines() if line.startswith("| `")]
+    assert [name for name, n in Counter(rows).items() if n > 1] == []
+
+
 @dataclass
 class RandomOptions(Options):
     section = "random options"
