@@ -39,7 +39,7 @@ from prune_trainer.methods.obert.sampler import GradientSampler, model_loss
 from prune_trainer.methods.obert.update import obs_scores, obs_update
 from prune_trainer.models import load_model_and_tokenizer
 from prune_trainer.oneshot.evaluation import evaluate_f1
-from prune_trainer.recipes.runner import git_commit
+from prune_trainer.provenance import git_commit
 
 
 def peak_rss() -> int:

@@ -257,7 +257,7 @@ def run_meta(args: argparse.Namespace, models: dict[str, str], evals: dict, file
     import onnxruntime
 
     from prune_trainer.devices import device_description
-    from prune_trainer.recipes.runner import git_commit
+    from prune_trainer.provenance import git_commit
 
     return {
         "git_commit": git_commit(), "device": f"{device_description(torch.device('cpu'))} ({platform.machine()})",

@@ -59,7 +59,7 @@ def run_settings(
     """Run each ``(key, run)`` whose key is in neither ``out_json`` nor ``done_keys``; stamp the result with
     ``finished_at`` and the checked-out ``git_commit`` and rewrite ``out_json`` atomically after each, so an
     interrupted grid resumes. ``settings`` may be a generator: a run is only built when its key is missing."""
-    from prune_trainer.recipes.runner import git_commit
+    from prune_trainer.provenance import git_commit
 
     commit = git_commit()  # the code that runs is the code checked out now
     done = set(done_keys)

@@ -93,6 +93,7 @@ def test_sequence_classification_accuracy(tmp_path, conll_dir):
                             progress=False)
     written = json.loads((tmp_path / "noexp" / "results.json").read_text())
     assert written["sparsity"] == no_export["sparsity"] == pytest.approx(0.5, abs=0.01)
+    assert written["git_commit"] not in ("", None) and isinstance(written["command"], str)  # provenance
     assert not (tmp_path / "noexp" / "model").exists()
     res = run_oneshot(cfg.replace(eval_file=str(eval_file), output_dir=str(tmp_path / "out")), progress=False)
     assert res["task"] == "sequence-classification" and res["eval_examples"] == 3

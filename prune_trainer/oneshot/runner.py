@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -37,6 +38,7 @@ from prune_trainer.oneshot.owl import owl_sparsities
 from prune_trainer.oneshot.registry import get_method
 from prune_trainer.oneshot.surgeon import SURGEON_METHODS, SurgeonOptions, surgeon_prune
 from prune_trainer.options import Options, unknown_key_error
+from prune_trainer.provenance import git_commit
 from prune_trainer.structures import STRUCTURE_KINDS
 from prune_trainer.tasks import check_task, load_model_for_task, task_of
 
@@ -172,7 +174,8 @@ def run_oneshot(
     else:
         pruned = _prune(model, _calibration(model, tokenizer, splits, task, cfg), cfg, progress)
     results: dict[str, Any] = {"config": asdict(cfg), "task": task, **pruned}
-    results.update(torch_threads=torch.get_num_threads(), cpu_count=os.cpu_count(), device=device_description(device))
+    results.update(torch_threads=torch.get_num_threads(), cpu_count=os.cpu_count(), device=device_description(device),
+                   git_commit=git_commit(), command=" ".join(sys.argv))
     if cfg.evaluate:
         results.update(evaluate_task(task, model, tokenizer, splits, cfg))
     if cfg.output_dir:

@@ -31,7 +31,6 @@ import copy
 import math
 import os
 import shutil
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -39,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from prune_trainer.io import atomic_write_json, atomic_write_text
+from prune_trainer.provenance import git_commit
 from prune_trainer.recipes.recipe import DEFAULT_TRAINING, Recipe, apply_override, load_recipe
 from prune_trainer.recipes.run_dir import (
     METRICS_FILE,
@@ -54,21 +54,6 @@ __all__ = [
     "DEFAULT_TRAINING", "Recipe", "apply_override", "last_checkpoint_step", "load_recipe", "run_is_complete",
     "run_recipe",
 ]
-
-
-def git_commit() -> str:
-    """Current commit of the project checkout (``+dirty`` when there are uncommitted changes)."""
-    root = Path(__file__).resolve().parents[2]
-    try:
-        sha = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True
-        ).stdout.strip()
-        return sha + ("+dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def _device_name() -> str:
