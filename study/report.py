@@ -40,7 +40,10 @@ def _options(run: dict[str, Any]) -> dict[str, Any]:
 
 
 def _method(run: dict[str, Any]) -> str:
+    """The pruning method of a run; ``pruned-export`` for a fine-tune of a pruned export at its fixed structure."""
     pruning = _config_section(run, "pruning")
+    if not pruning.get("method") and "start_params" in run:
+        return "pruned-export"
     method = pruning.get("method", "dense")
     variant = _options(run).get("variant")
     return f"{method}-{variant}" if variant else method
@@ -325,8 +328,11 @@ def plot_runs(runs: list[dict[str, Any]], out_dir: Path) -> list[Path]:
 
 
 def _group_score(run: dict[str, Any]) -> str:
-    """``taylor`` / ``fisher`` / ``magnitude`` for ``method: structured``, ``movement (hard)`` for group movement."""
+    """``taylor`` / ``fisher`` / ``magnitude`` for ``method: structured``, ``movement (hard)`` for group movement,
+    ``one-shot (fixed)`` for a fine-tune of a pruned export."""
     pruning = _config_section(run, "pruning")
+    if _method(run) == "pruned-export":
+        return "one-shot (fixed)"
     options = pruning.get("options") or {}
     if pruning.get("method") == "structured_movement":
         return f"movement ({options.get('variant', 'hard')})"
@@ -343,7 +349,8 @@ def structured_table(runs: list[dict[str, Any]]) -> str:
     lines = ["| run | score | removed | epochs | F1 | speed-up b1 | speed-up b32 | params | trained on |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(structured_runs(runs), key=lambda r: (_group_score(r), r["sparsity"], r["name"])):
-        lines.append(f"| {r['name']} | {_group_score(r)} | {r['sparsity']:.0%} | {_epochs(r)} | {r['eval_f1']:.4f} "
+        removed = f"{r['sparsity']:.0%}" if _method(r) != "pruned-export" else "(one-shot)"
+        lines.append(f"| {r['name']} | {_group_score(r)} | {removed} | {_epochs(r)} | {r['eval_f1']:.4f} "
                      f"| {r['speedup_cpu_b1']:.2f}× | {r['speedup_cpu_b32']:.2f}× | {r['params'] / 1e6:.1f}M "
                      f"| {r.get('device', '?')} |")
     return "\n".join(lines)
