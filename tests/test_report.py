@@ -197,6 +197,13 @@ def test_structured_runs_get_a_speedup_table_and_plot(tmp_path):
     assert table.index("s_mag_70") < table.index("s_taylor_50") < table.index("s_taylor_70")  # by score, removed
     assert "| s_taylor_70 | taylor | 70% | 3 | 0.8800 | 2.20× | 2.40× | 1.0M | cpu |" in table
     assert "dense" not in table  # untimed, unstructured runs are not rows
+    _write(tmp_path, "ft", 0.85, 0.0, group="ablations")  # a fine-tune of a one-shot export at its fixed structure
+    f = tmp_path / "ablations" / "ft" / "metrics.json"
+    extra = {"structure": {"heads": [6], "ffn": [64]}, "params": 1_000_000, "start_params": 1_000_000,
+             "speedup_cpu_b1": 1.1, "speedup_cpu_b32": 1.5, "device": "cpu"}
+    f.write_text(json.dumps({**json.loads(f.read_text()), **extra}))
+    assert "| ft | one-shot (fixed) | (one-shot) | 3 | 0.8500 | 1.10× | 1.50× | 1.0M | cpu |" in \
+        structured_table(load_runs(tmp_path))
     assert main(["report", str(tmp_path)]) == 0
     assert "structured_f1_vs_speedup.png" in (tmp_path / "README.md").read_text()
     assert (tmp_path / "structured_f1_vs_speedup.png").stat().st_size > 1000
