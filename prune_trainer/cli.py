@@ -23,19 +23,24 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_recipe_run_arguments(p: argparse.ArgumentParser, default_model: str, max_steps_help: str) -> None:
+    """The options every recipe-running command shares: overrides, data, model, budget, name and output folders."""
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a recipe key (repeatable)")
+    p.add_argument("--data-dir", help="CoNLL-2003 directory (default: $PRUNE_TRAINER_CONLL_DIR, else the hub)")
+    p.add_argument("--model", help=f"HF model id or path (default: {default_model})")
+    p.add_argument("--max-steps", type=int, help=max_steps_help)
+    p.add_argument("--name", help="run name (default: the recipe's)")
+    p.add_argument("--output-dir", help="where results go (default: <results-dir>/<name>)")
+    p.add_argument("--results-dir", default="results", help="root of results (default: results)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="prune-trainer", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run a YAML recipe (fine-tune + prune + export + results)")
     run.add_argument("recipe", help="path to a recipe YAML, e.g. recipes/magnitude_90.yaml")
-    run.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a recipe key (repeatable)")
-    run.add_argument("--data-dir", help="CoNLL-2003 directory (default: $PRUNE_TRAINER_CONLL_DIR, else the hub)")
-    run.add_argument("--model", help="HF model id or path (default: the embedded all-MiniLM-L6-v2)")
-    run.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
-    run.add_argument("--name", help="run name (default: the recipe's)")
-    run.add_argument("--output-dir", help="where results go (default: <results-dir>/<name>)")
-    run.add_argument("--results-dir", default="results", help="root of results (default: results)")
+    _add_recipe_run_arguments(run, "the embedded all-MiniLM-L6-v2", "stop after this many optimizer steps")
     run.add_argument("--overwrite", action="store_true",
                      help="delete an existing output folder and start over (default: resume it, same recipe only)")
     run.set_defaults(func=_run)
@@ -72,13 +77,7 @@ def _add_lottery_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--scope", default="global", help="global | layer (magnitude ranking scope)")
     p.add_argument("--control", default="none", help="none | random-reinit | random-mask (after the lottery)")
     p.add_argument("--seed", type=int, default=0, help="seed of the controls' random masks / re-initialisation")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a recipe key (repeatable)")
-    p.add_argument("--data-dir", help="CoNLL-2003 directory (default: $PRUNE_TRAINER_CONLL_DIR, else the hub)")
-    p.add_argument("--model", help="HF model id or path (default: the recipe's)")
-    p.add_argument("--max-steps", type=int, help="optimizer steps per round")
-    p.add_argument("--name", help="run name (default: the recipe's)")
-    p.add_argument("--output-dir", help="where results go (default: <results-dir>/<name>)")
-    p.add_argument("--results-dir", default="results", help="root of results (default: results)")
+    _add_recipe_run_arguments(p, "the recipe's", "optimizer steps per round")
     p.set_defaults(func=_lottery)
 
 

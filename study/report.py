@@ -298,15 +298,7 @@ def plot_runs(runs: list[dict[str, Any]], out_dir: Path) -> list[Path]:
     for i, (label, points) in enumerate(sorted(by_series.items())):
         points.sort()
         ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label, color=colors[i % 20])
-    ax.set_xlabel("encoder Linear sparsity")
-    ax.set_ylabel("validation entity F1")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = out_dir / "f1_vs_sparsity.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    written.append(path)
+    written.append(_save_f1_plot(fig, ax, "encoder Linear sparsity", out_dir / "f1_vs_sparsity.png"))
 
     curves = [(r["name"], *sparsity_curve(r)) for r in runs]
     curves = [c for c in curves if c[1]]
@@ -337,6 +329,20 @@ def _group_score(run: dict[str, Any]) -> str:
     if pruning.get("method") == "structured_movement":
         return f"movement ({options.get('variant', 'hard')})"
     return str(options.get("score", "magnitude"))
+
+
+def _save_f1_plot(fig: Any, ax: Any, xlabel: str, path: Path) -> Path:
+    """Label (``xlabel`` against validation entity F1), grid, legend, save at 120 dpi and close a figure."""
+    import matplotlib.pyplot as plt
+
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("validation entity F1")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 def structured_runs(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -374,15 +380,8 @@ def plot_structured(runs: list[dict[str, Any]], out_dir: Path) -> list[Path]:
     for label, points in sorted(series.items()):
         points.sort()
         ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
-    ax.set_xlabel("CPU speed-up at batch 32 (eager, 2 threads, seq 128)")
-    ax.set_ylabel("validation entity F1")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = out_dir / "structured_f1_vs_speedup.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return [path]
+    return [_save_f1_plot(fig, ax, "CPU speed-up at batch 32 (eager, 2 threads, seq 128)",
+                          out_dir / "structured_f1_vs_speedup.png")]
 
 
 def _header(runs: list[dict[str, Any]], superseded: dict[str, str]) -> list[str]:

@@ -134,3 +134,15 @@ def end_process_group() -> None:
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
+
+
+def zero_ffn_neurons(model, keep: int) -> None:
+    """Zero every FFN neuron of a BERT beyond the first ``keep``: rows of W1 (and b1) and columns of W2, so that a
+    structured export removes them."""
+    import torch
+
+    with torch.no_grad():
+        for layer in model.bert.encoder.layer:
+            layer.intermediate.dense.weight[keep:] = 0
+            layer.intermediate.dense.bias[keep:] = 0
+            layer.output.dense.weight[:, keep:] = 0

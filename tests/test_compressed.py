@@ -6,7 +6,7 @@ import struct
 
 import pytest
 import torch
-from helpers import tiny_bert, tiny_tokenizer
+from helpers import tiny_bert, tiny_tokenizer, zero_ffn_neurons
 from torch import nn
 from transformers import AutoModelForTokenClassification
 
@@ -222,11 +222,7 @@ def test_loading_reads_no_pickle(tmp_path, monkeypatch):
 
 def test_structured_int8_bitmask_round_trip(tmp_path):
     model = tiny_bert(vocab_size=64, num_attention_heads=4)
-    with torch.no_grad():  # remove half the FFN neurons of every layer: rows of W1 (and b1) and columns of W2
-        for layer in model.bert.encoder.layer:
-            layer.intermediate.dense.weight[32:] = 0
-            layer.intermediate.dense.bias[32:] = 0
-            layer.output.dense.weight[:, 32:] = 0
+    zero_ffn_neurons(model, 32)  # half the FFN neurons of every layer
     export_structured_model(model, tmp_path / "s_dense")
     small = load_pruned_model(tmp_path / "s_dense")
     assert small.bert.encoder.layer[0].intermediate.dense.weight.shape == (32, 32)

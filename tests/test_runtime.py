@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from helpers import tiny_bert, tiny_tokenizer, write_conll_dir
+from helpers import tiny_bert, tiny_tokenizer, write_conll_dir, zero_ffn_neurons
 from test_compressed import pruned_bert
 
 from prune_trainer import export_pruned_model, load_conll_splits, load_pruned_model
@@ -52,11 +52,7 @@ def test_structured_model_exports_and_f1_through_the_runtime_matches(tmp_path):
     from prune_trainer import export_structured_model
 
     model = tiny_bert(num_attention_heads=4).eval()
-    with torch.no_grad():
-        for layer in model.bert.encoder.layer:
-            layer.intermediate.dense.weight[40:] = 0
-            layer.intermediate.dense.bias[40:] = 0
-            layer.output.dense.weight[:, 40:] = 0
+    zero_ffn_neurons(model, 40)
     export_structured_model(model, tmp_path / "s")
     small = load_pruned_model(tmp_path / "s")
     export_onnx(small, tmp_path / "s.onnx")
