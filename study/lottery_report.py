@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from prune_trainer.io import atomic_write_json, atomic_write_text
+from study.report import save_f1_plot
 
 CONTROLS = ("random-reinit", "random-mask")
 
@@ -104,13 +105,7 @@ def plot(data: dict[str, Any], path: Path) -> None:
             ax.plot([100 * r["sparsity"] for r in rows], [r["eval_f1"] for r in rows], style, label=label)
     for r, s in data["seeds"].items():
         ax.errorbar(100 * data["imp"][int(r)]["sparsity"], s["mean"], yerr=s["std"], fmt="k_", capsize=4)
-    ax.set_xlabel("sparsity of the encoder Linears (%)")
-    ax.set_ylabel("validation entity F1")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_f1_plot(fig, ax, "sparsity of the encoder Linears (%)", path, legend_size=8)
 
 
 def write_lottery_report(root: str | Path) -> Path:

@@ -298,7 +298,7 @@ def plot_runs(runs: list[dict[str, Any]], out_dir: Path) -> list[Path]:
     for i, (label, points) in enumerate(sorted(by_series.items())):
         points.sort()
         ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label, color=colors[i % 20])
-    written.append(_save_f1_plot(fig, ax, "encoder Linear sparsity", out_dir / "f1_vs_sparsity.png"))
+    written.append(save_f1_plot(fig, ax, "encoder Linear sparsity", out_dir / "f1_vs_sparsity.png"))
 
     curves = [(r["name"], *sparsity_curve(r)) for r in runs]
     curves = [c for c in curves if c[1]]
@@ -331,14 +331,14 @@ def _group_score(run: dict[str, Any]) -> str:
     return str(options.get("score", "magnitude"))
 
 
-def _save_f1_plot(fig: Any, ax: Any, xlabel: str, path: Path) -> Path:
+def save_f1_plot(fig: Any, ax: Any, xlabel: str, path: Path, legend_size: int = 7) -> Path:
     """Label (``xlabel`` against validation entity F1), grid, legend, save at 120 dpi and close a figure."""
     import matplotlib.pyplot as plt
 
     ax.set_xlabel(xlabel)
     ax.set_ylabel("validation entity F1")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=legend_size)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -380,7 +380,7 @@ def plot_structured(runs: list[dict[str, Any]], out_dir: Path) -> list[Path]:
     for label, points in sorted(series.items()):
         points.sort()
         ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
-    return [_save_f1_plot(fig, ax, "CPU speed-up at batch 32 (eager, 2 threads, seq 128)",
+    return [save_f1_plot(fig, ax, "CPU speed-up at batch 32 (eager, 2 threads, seq 128)",
                           out_dir / "structured_f1_vs_speedup.png")]
 
 
