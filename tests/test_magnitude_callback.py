@@ -187,3 +187,15 @@ def test_load_best_model_at_end_is_refused_with_pruning(tmp_path):
                            eval_strategy="steps", save_strategy="steps", eval_steps=2, save_steps=2)
     with pytest.raises(ValueError, match="load_best_model_at_end=True cannot be combined with pruning"):
         trainer.train()
+
+
+def test_wandb_run_file_reader_stops_at_a_record_still_being_written(tmp_path):
+    import struct
+
+    from prune_trainer.reporting.wandb_offline import _records
+
+    full = struct.pack("<IHB", 0, 3, 1) + b"abc"
+    cut = struct.pack("<IHB", 0, 10, 1) + b"defg"  # header says 10 bytes, 4 written so far
+    path = tmp_path / "run-x.wandb"
+    path.write_bytes(b":W&B\x00\x00\x01" + full + cut)
+    assert _records(path) == [b"abc"]

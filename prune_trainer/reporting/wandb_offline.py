@@ -33,6 +33,8 @@ def _records(path: str | os.PathLike) -> list[bytes]:
         if kind == 0 and length == 0:  # zero padding to the end of the block
             pos += left - _HEADER
             continue
+        if pos + length > len(data):  # a record still being written (wandb-core writes asynchronously): stop
+            break
         chunk = data[pos : pos + length]
         pos += length
         if kind == 1:
