@@ -1,5 +1,6 @@
 """One-shot pruning grid of a causal LM (default: the embedded SmolLM2-135M) judged by perplexity: magnitude, Wanda,
-SparseGPT and OWL (Wanda with OWL's block sparsities) at unstructured sparsities and N:M, plus the dense row.
+SparseGPT and OWL (Wanda with OWL's block sparsities) at unstructured sparsities and N:M, plus the dense row; also
+LLM Surgeon (``--methods llm-surgeon --options '{"shots": 2}'``: its options as JSON).
 
     PRUNE_TRAINER_CONLL_DIR=/work/shared/data/conll2003 nohup nice -n 10 python scripts/llm_oneshot.py \
         --out results/oneshot/smollm2 --settings 0.5,2:4,0.6,0.7 --methods sparsegpt,wanda,magnitude,owl &
@@ -37,12 +38,16 @@ OWL_M, OWL_LAMBDA = 5.0, 0.08  # Yin et al. 2024, §4 (LLaMA settings)
 DEFAULT_CALIB, DEFAULT_EVAL = "conll-train", "conll-validation"
 
 
-def row_key(method: str, setting: str, calib: int, eval_windows: int | None) -> str:
+def row_key(method: str, setting: str, calib: int, eval_windows: int | None, options: dict | None = None) -> str:
     """A row's key in ``results.json``: ``method|setting|allocation|n<calib>|w<eval windows>`` as the study's
-    one-shot grids (``dense|w<eval windows>`` for the dense row, which needs no calibration)."""
+    one-shot grids (``dense|w<eval windows>`` for the dense row, which needs no calibration), then
+    ``|key=value,...`` when the pruner got ``options``."""
     if method == "dense":
         return f"dense|w{eval_windows}"
-    return f"{method}|{setting}|{'owl' if method == 'owl' else 'uniform'}|n{calib}|w{eval_windows}"
+    options = options or {}
+    allocation = "owl" if method == "owl" else options.get("allocation", "uniform")
+    key = f"{method}|{setting}|{allocation}|n{calib}|w{eval_windows}"
+    return key + ("|" + ",".join(f"{k}={v}" for k, v in sorted(options.items())) if options else "")
 
 
 def parse_setting(setting: str) -> tuple[float, str, int, int]:
@@ -54,7 +59,10 @@ def parse_setting(setting: str) -> tuple[float, str, int, int]:
 
 
 def row_config(method: str, setting: str, args: argparse.Namespace) -> OneShotConfig:
-    """The library one-shot configuration of one grid row (``owl``: Wanda with OWL's block sparsities)."""
+    """The library one-shot configuration of one grid row (``owl``: Wanda with OWL's block sparsities; ``dense``:
+    the evaluation settings only)."""
+    dense = method == "dense"
+    method, setting = ("magnitude", "0.5") if dense else (method, setting)
     sparsity, pattern, _, _ = parse_setting(setting)
     owl = method == "owl"
     if owl and pattern != "unstructured":
@@ -65,19 +73,21 @@ def row_config(method: str, setting: str, args: argparse.Namespace) -> OneShotCo
         calib_batch_size=args.batch_size, seed=args.seed, max_length=args.seqlen, eval_batch_size=args.eval_batch_size,
         eval_windows=args.eval_windows, calib_text=None if args.calib_source == DEFAULT_CALIB else args.calib_source,
         eval_file=None if args.eval_source == DEFAULT_EVAL else args.eval_source, data_dir=args.data_dir,
-        device=args.device, export=False,
+        device=args.device, export=False, options={} if dense else dict(args.options),
     )
 
 
 def run_row(method: str, setting: str, args: argparse.Namespace, splits: dict[str, list[Sentence]]) -> dict[str, Any]:
     """One grid row: prune (unless ``dense``) and score with the library's one-shot job."""
-    cfg = row_config("magnitude" if method == "dense" else method, "0.5" if method == "dense" else setting, args)
+    cfg = row_config(method, setting, args)
     res = dense_results(cfg, splits) if method == "dense" else run_oneshot(cfg, splits, progress=False)
     sparsity, pattern, _, _ = parse_setting(setting)
     row: dict[str, Any] = {"model": args.model, "method": method, "setting": setting, "sparsity": sparsity,
                            "pattern": pattern, "prune_time_s": res["prune_time_s"], "solve_time_s": res["solve_time_s"]}
     if method == "dense":
         row.update(sparsity=0.0, pattern="dense")
+    if args.options:
+        row["options"] = dict(args.options)
     if res.get("owl"):
         row["owl"] = {"m": OWL_M, "lambda": OWL_LAMBDA, "outlier_ratio": per_block(res["owl"]["outlier_ratios"]),
                       "block_sparsity": per_block(res["owl"]["layer_sparsity"])}
@@ -143,8 +153,9 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
              "prune time (s) |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ratio = f"{r['perplexity'] / dense:.2f}" if dense else "–"
+        method = r["method"] + "".join(f" {k}={v}" for k, v in sorted(r.get("options", {}).items()))
         calib = "–" if r["method"] in ("dense", "magnitude") else r["calib_samples"]
-        lines.append(f"| {r['method']} | {r['pattern']} | {r['sparsity']:.0%} | {r['measured_sparsity']:.1%} | "
+        lines.append(f"| {method} | {r['pattern']} | {r['sparsity']:.0%} | {r['measured_sparsity']:.1%} | "
                      f"{calib} | {r['perplexity']:.2f} | {ratio} | {r['prune_time_s']:.0f} |")
     return "\n".join(lines)
 
@@ -164,7 +175,7 @@ def main(argv: list[str] | None = None) -> None:
             row_config(method, setting, args).validate()
     splits = load_conll_splits(args.data_dir)
     for method, setting in plan:
-        key = row_key(method, setting, args.calib, args.eval_windows)
+        key = row_key(method, setting, args.calib, args.eval_windows, args.options)
         if key in rows:
             print(f"skip {method} {setting}: already in {out_path}", flush=True)
             continue
@@ -189,6 +200,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--data-dir", help="CoNLL-2003 directory (default: $PRUNE_TRAINER_CONLL_DIR, else the hub)")
     p.add_argument("--device", default="auto", help="auto (CUDA when available) | cpu | cuda | cuda:N")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--options", type=json.loads, default={},
+                   help='the pruner\'s options as JSON, e.g. \'{"shots": 2, "cg_iters": 20}\' for llm-surgeon')
     p.add_argument("--table", action="store_true", help="print <out>/results.json as a Markdown table and exit")
     return p.parse_args(argv)
 

@@ -173,6 +173,24 @@ def test_grid_writes_resumable_rows(llama_dir, conll_dir, tmp_path, capsys):
     assert not (tmp_path / "bad").exists()
 
 
+def test_llm_surgeon_rows_carry_their_options(llama_dir, conll_dir, tmp_path):
+    out = tmp_path / "grid"
+    opts = '{"shots": 2, "cg_iters": 5}'
+    main(script_args(llama_dir, conll_dir, out, "--methods", "llm-surgeon", "--settings", "0.5,2:4", "--options", opts))
+    rows = load_rows(out / "results.json")
+    assert list(rows) == ["dense|w3", "llm-surgeon|0.5|uniform|n4|w3|cg_iters=5,shots=2",
+                          "llm-surgeon|2:4|uniform|n4|w3|cg_iters=5,shots=2"]
+    for key in list(rows)[1:]:
+        assert rows[key]["options"] == {"shots": 2, "cg_iters": 5}
+        assert rows[key]["measured_sparsity"] == pytest.approx(0.5, abs=0.01)
+        assert rows[key]["perplexity"] != rows["dense|w3"]["perplexity"]
+    assert "| llm-surgeon cg_iters=5 shots=2 | 2:4 | 50% |" in markdown_table(list(rows.values()))
+    with pytest.raises(ValueError, match="shots"):  # the options are checked before any row runs
+        main(script_args(llama_dir, conll_dir, tmp_path / "bad", "--methods", "llm-surgeon", "--options",
+                         '{"shots": 0}'))
+    assert not (tmp_path / "bad").exists()
+
+
 def test_markdown_table_and_row_keys(tmp_path):
     rows = [{"method": "dense", "pattern": "dense", "sparsity": 0.0, "measured_sparsity": 0.0, "calib_samples": 8,
              "perplexity": 20.0, "prune_time_s": 0.0},
@@ -184,6 +202,8 @@ def test_markdown_table_and_row_keys(tmp_path):
     assert row_key("dense", "0", 8, 8) == row_key("dense", "0", 32, 8) == "dense|w8"  # no calibration
     assert row_key("sparsegpt", "0.5", 8, 8) == "sparsegpt|0.5|uniform|n8|w8"
     assert row_key("owl", "0.7", 8, None) == "owl|0.7|owl|n8|wNone"
+    key = row_key("llm-surgeon", "0.5", 8, 8, {"allocation": "global"})
+    assert key == "llm-surgeon|0.5|global|n8|w8|allocation=global"
     assert parse_setting("2:4") == (0.5, "2:4", 2, 4) and parse_setting("0.7") == (0.7, "unstructured", 0, 0)
     path = tmp_path / "results.json"
     path.write_text(json.dumps([{**rows[1], "setting": "2:4", "eval_windows": 8}]))  # the first (list) format
