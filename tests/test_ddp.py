@@ -1,4 +1,6 @@
-import socket
+import contextlib
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -7,19 +9,24 @@ import pytest
 import torch
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def run_torchrun(script: Path, out: Path, nproc: int = 2, *extra: str) -> None:
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
-        f"--master_port={_free_port()}", str(script), str(out), *extra,
-    ]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+def run_torchrun(script: Path, out: Path, nproc: int = 2, *extra: str, timeout: float = 600) -> None:
+    """torchrun ``--standalone`` (its rendezvous binds a free port itself: no port picked here and freed before
+    torchrun binds it). On a timeout torchrun gets SIGTERM, on which it stops its workers (they run in sessions
+    of their own, out of reach of a kill of its process group), then its session is killed."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(script),
+           str(out), *extra]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.terminate()
+        try:
+            stdout, stderr = proc.communicate(timeout=60)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail(f"torchrun did not finish in {timeout:.0f} s (workers killed):\n{stdout[-3000:]}{stderr[-3000:]}")
+    assert proc.returncode == 0, stdout[-3000:] + stderr[-3000:]
 
 
 def test_magnitude_masks_identical_on_every_rank(tmp_path):
@@ -67,3 +74,16 @@ def test_structured_taylor_masks_and_weights_identical_on_every_rank(tmp_path):
     zeros = sum(int((w == 0).sum()) for w in r0["weights"].values())
     total = sum(w.numel() for w in r0["weights"].values())
     assert zeros / total == pytest.approx(0.5, abs=1e-3)
+
+
+def test_a_hung_run_fails_and_leaves_no_worker(tmp_path):
+    script = tmp_path / "hang.py"
+    script.write_text("import os, sys, time\nopen(os.path.join(sys.argv[1], f'pid{os.getpid()}'), 'w').close()\n"
+                      "time.sleep(120)\n")
+    with pytest.raises(pytest.fail.Exception, match="did not finish"):
+        run_torchrun(script, tmp_path, 2, timeout=20)
+    pids = [int(p.name[3:]) for p in tmp_path.glob("pid*")]
+    assert len(pids) == 2
+    for pid in pids:  # killed with the session: signal 0 finds no such process
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
