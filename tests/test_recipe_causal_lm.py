@@ -160,3 +160,10 @@ def test_bad_input_errors_before_the_output_folder_exists(tmp_path, conll_dir, c
     assert _run(path, tmp_path, *argv) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "results").exists()
+
+
+def test_lottery_refuses_a_causal_lm_recipe_before_writing(tmp_path, conll_dir, capsys):
+    path = _recipe(tmp_path, _save(tiny_llama(), tmp_path / "start"), conll_dir, None)
+    rc = main(["lottery", str(path), "--results-dir", str(tmp_path / "results")])
+    assert rc == 2 and "the lottery runs token-classification recipes only" in capsys.readouterr().err
+    assert not (tmp_path / "results").exists()

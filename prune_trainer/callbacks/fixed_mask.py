@@ -5,9 +5,9 @@ of IMP, Frankle & Carbin 2019) into every parameter and installs the keep-masks 
 weights become exactly zero and stay so through every optimizer step, as with every method). Training then never
 changes the mask. ``masks: zeros`` keeps exactly the nonzero pattern of the start model's target weights
 (``keep = W ≠ 0`` for every target Linear, taken when the callback is constructed, after ``weights`` is loaded):
-fine-tuning a one-shot export (SparseGPT, Wanda, 2:4 ...) with its mask fixed, the recovery step of
-Frantar & Alistarh 2023 (§5) and Sun et al. 2024 (§5). With ``save_weights_step: K`` and ``save_weights_to: <file>`` it saves the weights after ``K``
-optimizer steps (``K = 0``: before the first step), atomically: the rewind point of late resetting.
+fine-tuning a one-shot export (SparseGPT, Wanda, 2:4 ...) with its mask fixed, so the export keeps its sparsity
+pattern. With ``save_weights_step: K`` and ``save_weights_to: <file>`` it saves the weights after ``K`` optimizer
+steps (``K = 0``: before the first step), atomically: the rewind point of late resetting.
 
 On a resume the Trainer's checkpoint replaces the weights and masks loaded here (they are the model's tensors and
 buffers), so a resumed round continues where it stopped.
