@@ -167,3 +167,18 @@ def test_lottery_refuses_a_causal_lm_recipe_before_writing(tmp_path, conll_dir, 
     rc = main(["lottery", str(path), "--results-dir", str(tmp_path / "results")])
     assert rc == 2 and "the lottery runs token-classification recipes only" in capsys.readouterr().err
     assert not (tmp_path / "results").exists()
+
+
+def test_token_classification_recipes_keep_their_recorded_identity():
+    """The new keys stay out of a tagging recipe's `to_dict` at their defaults, so ``run_config.json`` of runs
+    recorded before them still matches on a resume; a causal-LM recipe records them."""
+    import os
+
+    from prune_trainer.recipes.runner import load_recipe
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    tagger = load_recipe(os.path.join(root, "recipes", "magnitude_90.yaml")).to_dict()
+    assert "task" not in tagger
+    assert set(tagger["data"]) == {"data_dir", "hub_dataset", "max_length", "max_train_samples", "max_eval_samples"}
+    lm = load_recipe(os.path.join(root, "recipes", "llm_magnitude_50.yaml")).to_dict()
+    assert lm["task"] == "causal-lm" and lm["data"]["train_text"] == "conll-train"
