@@ -15,9 +15,10 @@ def _run(args: argparse.Namespace) -> int:
         max_steps=args.max_steps,
     )
     metrics = run_recipe(recipe, results_root=args.results_dir, overwrite=args.overwrite)
-    line = f"{metrics['name']}: eval_f1={metrics['eval_f1']:.4f}"
-    if "test_f1" in metrics:
-        line += f" test_f1={metrics['test_f1']:.4f}"
+    line = f"{metrics['name']}:"
+    for key in ("eval_f1", "test_f1", "eval_perplexity"):  # token classification: F1; causal LM: perplexity
+        if key in metrics:
+            line += f" {key}={metrics[key]:.4f}"
     line += f" sparsity={metrics['sparsity']:.4f} wall_time_s={metrics['wall_time_s']:.0f}"
     print(line)
     return 0

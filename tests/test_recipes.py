@@ -28,9 +28,16 @@ def _recipe(tmp_path, **pruning):
 
 
 def test_shipped_recipes_parse():
-    for name in ("dense", "magnitude_90"):
-        recipe = load_recipe(os.path.join(ROOT, "recipes", f"{name}.yaml"))
-        assert recipe["name"] == name
+    import glob
+
+    paths = sorted(glob.glob(os.path.join(ROOT, "recipes", "*.yaml")))
+    names = {os.path.basename(p)[: -len(".yaml")] for p in paths}
+    assert {"dense", "magnitude_90", "llm_magnitude_50", "llm_recover_2of4"} <= names
+    for path in paths:  # every shipped recipe is valid (keys, types, TrainingArguments, pruning config)
+        recipe = load_recipe(path)
+        assert recipe["name"] == os.path.basename(path)[: -len(".yaml")]
+    lm = load_recipe(os.path.join(ROOT, "recipes", "llm_recover_2of4.yaml"))
+    assert lm.task == "causal-lm" and lm.pruning["options"] == {"masks": "zeros"}
 
 
 def test_cli_run_writes_results(tmp_path, tiny_model_dir, conll_dir, capsys):

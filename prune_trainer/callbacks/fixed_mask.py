@@ -3,8 +3,11 @@
 Constructed on the model, it loads the weights of ``options.weights`` (a safetensors state dict: the rewind point
 of IMP, Frankle & Carbin 2019) into every parameter and installs the keep-masks of ``options.masks`` (pruned
 weights become exactly zero and stay so through every optimizer step, as with every method). Training then never
-changes the mask. With ``save_weights_step: K`` and ``save_weights_to: <file>`` it saves the weights after ``K``
-optimizer steps (``K = 0``: before the first step), atomically: the rewind point of late resetting.
+changes the mask. ``masks: zeros`` keeps exactly the nonzero pattern of the start model's target weights
+(``keep = W ≠ 0`` for every target Linear, taken when the callback is constructed, after ``weights`` is loaded):
+fine-tuning a one-shot export (SparseGPT, Wanda, 2:4 ...) with its mask fixed, so the export keeps its sparsity
+pattern. With ``save_weights_step: K`` and ``save_weights_to: <file>`` it saves the weights after ``K`` optimizer
+steps (``K = 0``: before the first step), atomically: the rewind point of late resetting.
 
 On a resume the Trainer's checkpoint replaces the weights and masks loaded here (they are the model's tensors and
 buffers), so a resumed round continues where it stopped.
@@ -26,11 +29,14 @@ from prune_trainer.io import atomic_file
 from prune_trainer.options import Options
 
 MASK_SUFFIX = ".weight_mask"
+ZEROS = "zeros"
+"""``masks: zeros``: the keep-mask of every target Linear is its start weight's nonzero pattern."""
 
 
 @dataclass
 class FixedMaskOptions(Options):
-    """``masks``: safetensors file of keep-masks ``{layer name: [out, in]}`` (null: keep every weight).
+    """``masks``: safetensors file of keep-masks ``{layer name: [out, in]}``, or ``zeros`` (keep the start model's
+    nonzero weights, ``W ≠ 0``), or null (keep every weight).
     ``weights``: safetensors state dict loaded into the model before training (null: the model's own).
     ``save_weights_step`` / ``save_weights_to``: save the weights after that many optimizer steps to that file."""
 
@@ -84,7 +90,9 @@ class FixedMaskCallback(PruningCallback):
         if opts.weights is not None:
             self._load_weights(_read(opts.weights, "weights"))
         shapes = {n: tuple(layer.weight.shape) for n, layer in self.layers.items()}
-        if opts.masks is not None:
+        if opts.masks == ZEROS:
+            self.masks = {n: layer.weight.detach() != 0 for n, layer in self.layers.items()}
+        elif opts.masks is not None:
             self.masks = {n: m.bool() for n, m in _read(opts.masks, "masks").items()}
             found = {n: tuple(m.shape) for n, m in self.masks.items()}
             if found != shapes:

@@ -69,6 +69,14 @@ def perplexity_windows(n_ids: int, seqlen: int, stride: int | None = None) -> li
     return windows
 
 
+def evenly_spaced(windows: list[Window], max_windows: int | None) -> list[Window]:
+    """At most ``max_windows`` of ``windows``, evenly spaced over the text: windows ``⌊i·n/k⌋``, ``i < k`` (all of
+    them when ``max_windows`` is None or not smaller than ``n``)."""
+    if max_windows is None or max_windows >= len(windows):
+        return windows
+    return [windows[i * len(windows) // max_windows] for i in range(max_windows)]
+
+
 @torch.no_grad()
 def token_nll(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
     """``(batch, len−1)`` NLL of each next token: ``−log softmax(logits_{t−1})[x_t]`` (float32)."""
@@ -96,9 +104,7 @@ def perplexity(
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     if max_windows is not None and max_windows <= 0:
         raise ValueError(f"max_windows must be positive or None, got {max_windows}")
-    windows = perplexity_windows(ids.numel(), seqlen, stride)
-    if max_windows is not None and max_windows < len(windows):  # evenly spaced over the whole text
-        windows = [windows[i * len(windows) // max_windows] for i in range(max_windows)]
+    windows = evenly_spaced(perplexity_windows(ids.numel(), seqlen, stride), max_windows)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()

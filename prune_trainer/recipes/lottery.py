@@ -156,6 +156,9 @@ def check_lottery(recipe: Recipe, config: LotteryConfig, paths: LotteryPaths, re
     step must not be past it."""
     from prune_trainer.recipes.runner import _prepare
 
+    if recipe.task != "token-classification":  # the rounds are compared by entity F1
+        raise ValueError(f"lottery: {recipe.source} has task {recipe.task!r}; the lottery runs token-classification "
+                         "recipes only")
     if config.control != "none":
         _check_lottery_for_control(recipe, config, paths)
     round0 = round_recipe(recipe, paths.round_dir(0), _round0_options(config, paths))

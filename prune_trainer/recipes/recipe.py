@@ -1,6 +1,8 @@
 """`Recipe`: a training recipe read from YAML, checked key by key and type by type before anything runs.
 
-Keys: ``name``, ``model``, ``init_from``, ``description``, ``output_dir``, ``data`` (`DataOptions`), ``training``
+Keys: ``name``, ``task`` (`RECIPE_TASKS`: ``token-classification``, the default, CoNLL-2003 tagging with entity F1;
+``causal-lm``, language modelling on plain text with perplexity), ``model``, ``init_from``, ``description``,
+``output_dir``, ``data`` (`DataOptions`), ``training``
 (`TrainingArguments` fields, checked by name and type, then by a dry `TrainingArguments` construction),
 ``pruning`` (given to `PruningConfig.from_dict`, or null for dense), ``distillation``, ``factorize_embeddings``
 (a rank), ``on_nonfinite`` (``error`` | ``skip``, see `FiniteCheckCallback`) and ``bench`` (`BenchOptions`: time the
@@ -38,6 +40,11 @@ DEFAULT_TRAINING: dict[str, Any] = {
     "seed": 42,
 }
 NONFINITE_POLICIES = ("error", "skip")
+RECIPE_TASKS = ("token-classification", "causal-lm")
+"""The tasks a recipe trains: CoNLL-2003 tagging (`prune_trainer.recipes.runner`) or a causal LM on plain text
+(`prune_trainer.recipes.lm_data`)."""
+TOKEN_CLASSIFICATION_ONLY = ("factorize_embeddings", "distillation", "bench")
+"""Recipe keys that only a token-classification recipe may set (they load or export BERT-style taggers)."""
 
 
 def check_keys(given: Any, allowed: list[str] | set[str], where: str) -> None:
@@ -80,14 +87,23 @@ def check_training(training: Any, where: str) -> None:
 
 @dataclass
 class DataOptions:
-    """Where the CoNLL-2003 data comes from and how it is cut: ``max_length`` sub-tokens per example (longer
-    evaluation sentences are split into windows), the first ``max_*_samples`` sentences of each split."""
+    """Where the data comes from and how it is cut.
+
+    Token classification: CoNLL-2003 from ``data_dir`` (or ``hub_dataset``), ``max_length`` sub-tokens per example
+    (longer evaluation sentences are split into windows), the first ``max_*_samples`` sentences of each split.
+
+    Causal LM: the texts ``train_text`` and ``eval_text`` (sources of `prune_trainer.data.text.load_text`:
+    ``conll-train``, ``conll-validation``, ``wikitext2-*`` or a text file; CoNLL from ``data_dir``), cut into
+    non-overlapping ``max_length``-token blocks; the first ``max_train_samples`` training blocks, and
+    ``max_eval_samples`` evaluation windows evenly spaced over the text (`perplexity`'s ``max_windows``)."""
 
     data_dir: str | None = None
     hub_dataset: str = "eriktks/conll2003"
     max_length: int = 128
     max_train_samples: int | None = None
     max_eval_samples: int | None = None
+    train_text: str = "conll-train"
+    eval_text: str = "conll-validation"
 
     @classmethod
     def from_dict(cls, data: Any, where: str) -> DataOptions:
@@ -110,6 +126,9 @@ class DataOptions:
             value = getattr(self, key)
             if value is not None and value < 1:
                 raise ValueError(f"{where}: data.{key} must be a positive integer, got {value!r}")
+        for key in ("train_text", "eval_text"):
+            if not getattr(self, key).strip():
+                raise ValueError(f"{where}: data.{key} must name a text source, got {getattr(self, key)!r}")
 
 
 @dataclass
@@ -167,6 +186,7 @@ class Recipe:
     """
 
     name: str
+    task: str = "token-classification"
     model: str | None = None
     init_from: str | None = None
     description: str | None = None
@@ -202,6 +222,7 @@ class Recipe:
         where = self.source
         if not isinstance(self.name, str) or not self.name or "/" in self.name:
             raise ValueError(f"{where}: name must be a non-empty string without '/', got {self.name!r}")
+        self._check_task(where)
         for key in ("model", "init_from", "description", "output_dir"):
             value = getattr(self, key)
             if value is not None and not isinstance(value, str):
@@ -230,6 +251,16 @@ class Recipe:
 
             PruningConfig.from_dict(self.pruning)  # the method, its typed options and the schedule, checked here
 
+    def _check_task(self, where: str) -> None:
+        """``task`` is one of `RECIPE_TASKS`; a causal-LM recipe sets none of `TOKEN_CLASSIFICATION_ONLY`."""
+        if self.task not in RECIPE_TASKS:
+            raise ValueError(f"{where}: task must be one of {list(RECIPE_TASKS)}, got {self.task!r}")
+        if self.task != "token-classification":
+            given = [key for key in TOKEN_CLASSIFICATION_ONLY if getattr(self, key) is not None]
+            if given:
+                raise ValueError(f"{where}: {', '.join(given)} can only be used with task token-classification, "
+                                 f"not {self.task!r}")
+
     def resolved_training(self) -> dict[str, Any]:
         """`DEFAULT_TRAINING` updated with the recipe's ``training``."""
         return {**DEFAULT_TRAINING, **self.training}
@@ -248,6 +279,12 @@ class Recipe:
         """Plain mapping of the fields (``data`` as a mapping), the recipe YAML's shape."""
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "source"}
         out["data"] = dataclasses.asdict(self.data)
+        if self.task == "token-classification":
+            # the task and text keys absent at their defaults: runs recorded before they existed keep their identity
+            del out["task"]
+            for key in ("train_text", "eval_text"):
+                if out["data"][key] == DataOptions.__dataclass_fields__[key].default:
+                    del out["data"][key]
         if self.bench is None:  # absent rather than null: runs recorded before the key existed keep their identity
             del out["bench"]
         else:

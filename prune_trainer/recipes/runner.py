@@ -1,6 +1,8 @@
 """Recipe runner: YAML recipe (`Recipe`) → fine-tune (with or without pruning) → export → ``results/<name>/``.
 
-A recipe has the keys ``name``, ``model``, ``init_from``, ``data``, ``training`` (any
+A recipe has the keys ``name``, ``task`` (``token-classification``: CoNLL-2003 tagging, entity F1; ``causal-lm``:
+a causal LM on plain text, perplexity, `prune_trainer.recipes.lm_data`), ``model``, ``init_from``, ``data``,
+``training`` (any
 `TrainingArguments` field), ``pruning`` (a `PruningConfig`, or null for dense), ``output_dir``,
 ``factorize_embeddings`` (a rank r: train with the word embeddings replaced by their rank-r SVD factors
 ``A B``, as ALBERT's factorized embeddings, Lan et al. 2020; the exported checkpoint holds the plain product,
@@ -13,7 +15,8 @@ resolved recipe in ``run_config.json`` (a resume with another recipe is an error
 over), resumes from the newest *complete* checkpoint, and writes ``model/`` (atomically), ``config.yaml``,
 ``README.md`` and last ``metrics.json``: a run is done exactly when `run_is_complete`.
 
-Besides F1 and sparsity, ``metrics.json`` records the run's costs: ``wall_time_s`` (summed over resumed parts),
+Besides the task's metrics (``eval_f1`` ...; ``eval_perplexity``, ``eval_nll``, ``eval_tokens``, ``eval_windows``
+for a causal LM) and sparsity, ``metrics.json`` records the run's costs: ``wall_time_s`` (summed over resumed parts),
 ``train_loss`` (mean over every step of the run), ``peak_rss_mib`` (peak resident memory of the process, from
 ``getrusage``), ``pruning_time_s`` / ``pruning_steps`` (time spent in the pruning callback's mask updates, over
 the whole run including resumed parts) and ``resumed_from_step``.
@@ -28,11 +31,13 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import math
 import os
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -182,6 +187,18 @@ def _restore_finished_training(trainer: Any, ckpt: Path) -> None:
 
 
 @dataclass
+class _TaskData:
+    """What a task gives a run: the model, its tokenizer, the training set, the Trainer's task arguments (evaluation
+    set, collator, metrics) and ``evaluate(trainer)``: the final metrics of the trained model, before the export."""
+
+    model: Any
+    tokenizer: Any
+    train_ds: Any
+    trainer_kwargs: dict[str, Any]
+    evaluate: Callable[[Any], dict[str, Any]]
+
+
+@dataclass
 class _Run:
     """Everything a run needs once its inputs are checked (built by `_prepare`, before anything is written)."""
 
@@ -189,10 +206,7 @@ class _Run:
     out_dir: Path
     training: dict[str, Any]
     args: Any
-    model: Any
-    tokenizer: Any
-    train_ds: Any
-    eval_sets: dict[str, tuple[Any, list[int]]]
+    task: _TaskData
     pruning_cfg: Any
     pruner: Any
     callbacks: list[Any]
@@ -206,22 +220,26 @@ class _Run:
     bench_baseline: str | None = None
 
     @property
+    def model(self) -> Any:
+        return self.task.model
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.task.tokenizer
+
+    @property
     def ckpt_dir(self) -> Path:
         return self.out_dir / "checkpoints"
 
 
 def _prepare(recipe: Recipe, results_root: str | os.PathLike) -> _Run:
-    """Check every input, load model and data, build the callbacks; nothing is written here."""
+    """Check every input, load model and data (`TASK_LOADERS`), build the callbacks; nothing is written here."""
     from transformers import set_seed
 
     from prune_trainer.config import PruningConfig
-    from prune_trainer.data import load_conll_splits, tokenize_and_align, window_sentences
-    from prune_trainer.factorization import factorize_word_embeddings
-    from prune_trainer.models import load_model_and_tokenizer
     from prune_trainer.recipes.pruned_start import check_pruned_start, layer_linear_counts
 
     out_dir = Path(recipe.output_dir or Path(results_root) / recipe.name)
-    data_cfg = recipe.data
     training = recipe.resolved_training()
     pruning_cfg = PruningConfig.from_dict(recipe.pruning) if recipe.pruning else None
     extra: dict[str, Any] = {}
@@ -231,32 +249,100 @@ def _prepare(recipe: Recipe, results_root: str | os.PathLike) -> _Run:
         os.environ.setdefault("WANDB_PROJECT", "prune_trainer")
         extra["run_name"] = training.setdefault("run_name", recipe.name)
     args = recipe.training_arguments(out_dir / "checkpoints", **extra)
-    model_src = _resolve_source(recipe)  # a missing model directory fails here, before the data is read
-    _check_model_config(model_src, data_cfg.max_length)
+    model_src = _task_source(recipe)  # a missing model fails here, before the data is read
     start_kind = check_pruned_start(model_src, pruning_cfg)  # a compressed start, or more groups on emptied layers
     bench_baseline = _bench_baseline(recipe, model_src, start_kind)
-    splits = load_conll_splits(data_cfg.data_dir, data_cfg.hub_dataset)
     # A checkpoint without a token-classification head (the embedded model, bert-base-cased) gets a new one drawn
     # from the global RNG: seed it first, as HF's example scripts do, so the same recipe trains the same run.
     set_seed(int(training["seed"]))
-    model, tokenizer = load_model_and_tokenizer(model_src)
-    if recipe.factorize_embeddings is not None:
-        factorize_word_embeddings(model, recipe.factorize_embeddings)
-    max_length = data_cfg.max_length
-    train_ds = tokenize_and_align(splits["train"], tokenizer, max_length, data_cfg.max_train_samples)
-    eval_sets = {}  # split → (dataset, window groups): long sentences are scored in windows, stitched back
-    for split in ("validation", "test"):
-        if split in splits:
-            windows, groups = window_sentences(splits[split][: data_cfg.max_eval_samples], tokenizer, max_length)
-            eval_sets[split] = (tokenize_and_align(windows, tokenizer, max_length), groups)
-    max_steps = check_training_plan(args, pruning_cfg, len(train_ds))
+    task = TASK_LOADERS[recipe.task](recipe, model_src, args)
+    max_steps = check_training_plan(args, pruning_cfg, len(task.train_ds))
+    model = task.model
     start_counts = layer_linear_counts(model) if start_kind == "structured" else None  # before any wrapping
     start_params = sum(p.numel() for p in model.parameters()) if start_kind == "structured" else None
     pruner, callbacks = _make_callbacks(recipe, model, pruning_cfg)
     resolved = {**recipe.to_dict(), "model_path": model_src, "training": training, "max_steps": max_steps}
     resolved.pop("description")  # the run's identity: everything that changes what it computes
-    return _Run(recipe, out_dir, training, args, model, tokenizer, train_ds, eval_sets, pruning_cfg, pruner,
-                callbacks, resolved, max_steps, start_kind, start_counts, start_params, bench_baseline)
+    return _Run(recipe, out_dir, training, args, task, pruning_cfg, pruner, callbacks, resolved, max_steps,
+                start_kind, start_counts, start_params, bench_baseline)
+
+
+def _task_source(recipe: Recipe) -> str:
+    """The start model of the recipe's task, checked (`_resolve_source`; `resolve_lm_source` for a causal LM)."""
+    if recipe.task == "causal-lm":
+        from prune_trainer.recipes.lm_data import resolve_lm_source
+
+        return resolve_lm_source(recipe)
+    model_src = _resolve_source(recipe)
+    _check_model_config(model_src, recipe.data.max_length)
+    return model_src
+
+
+def _load_token_classification(recipe: Recipe, model_src: str, args: Any) -> _TaskData:
+    """CoNLL-2003 tagging: the tagger, its sub-token datasets and entity-F1 evaluation of validation (and test,
+    long sentences scored in windows stitched back, `window_sentences`)."""
+    from transformers import DataCollatorForTokenClassification
+
+    from prune_trainer.data import (
+        load_conll_splits,
+        make_compute_metrics,
+        preprocess_logits_for_metrics,
+        tokenize_and_align,
+        window_sentences,
+    )
+    from prune_trainer.factorization import factorize_word_embeddings
+    from prune_trainer.models import load_model_and_tokenizer
+
+    data_cfg = recipe.data
+    splits = load_conll_splits(data_cfg.data_dir, data_cfg.hub_dataset)
+    model, tokenizer = load_model_and_tokenizer(model_src)
+    if recipe.factorize_embeddings is not None:
+        factorize_word_embeddings(model, recipe.factorize_embeddings)
+    max_length = data_cfg.max_length
+    train_ds = tokenize_and_align(splits["train"], tokenizer, max_length, data_cfg.max_train_samples)
+    eval_sets = {}  # split → (dataset, window groups)
+    for split in ("validation", "test"):
+        if split in splits:
+            windows, groups = window_sentences(splits[split][: data_cfg.max_eval_samples], tokenizer, max_length)
+            eval_sets[split] = (tokenize_and_align(windows, tokenizer, max_length), groups)
+    kwargs = {
+        "eval_dataset": eval_sets["validation"][0],
+        "data_collator": DataCollatorForTokenClassification(tokenizer),
+        "compute_metrics": make_compute_metrics(groups=eval_sets["validation"][1]),
+        "preprocess_logits_for_metrics": preprocess_logits_for_metrics,
+    }
+    return _TaskData(model, tokenizer, train_ds, kwargs, functools.partial(_evaluate_tagger, eval_sets))
+
+
+def _evaluate_tagger(eval_sets: dict[str, tuple[Any, list[int]]], trainer: Any) -> dict[str, Any]:
+    """Entity F1 (precision, recall, loss) of the trained tagger on validation (``eval_*``) and test (``test_*``)."""
+    from prune_trainer.data import make_compute_metrics
+
+    metrics: dict[str, Any] = {}
+    for split, (ds, groups) in eval_sets.items():
+        prefix = "eval" if split == "validation" else "test"
+        trainer.compute_metrics = make_compute_metrics(groups=groups)
+        res = trainer.evaluate(ds, metric_key_prefix=prefix)
+        metrics.update({k: v for k, v in res.items() if k.startswith(prefix + "_")})
+    return metrics
+
+
+def _load_causal_lm(recipe: Recipe, model_src: str, args: Any) -> _TaskData:
+    """A causal LM on plain text (`prune_trainer.recipes.lm_data`): blocks to train on, windows to evaluate, and
+    the final perplexity of the trained model."""
+    from prune_trainer.recipes.lm_data import evaluate_lm, lm_trainer_kwargs, load_lm_task
+
+    model, tokenizer, lm = load_lm_task(recipe, model_src)
+    batch = int(args.per_device_eval_batch_size)
+    return _TaskData(model, tokenizer, lm.train_ds, lm_trainer_kwargs(lm),
+                     lambda trainer: evaluate_lm(model, lm, batch))
+
+
+TASK_LOADERS: dict[str, Callable[[Recipe, str, Any], _TaskData]] = {
+    "token-classification": _load_token_classification,
+    "causal-lm": _load_causal_lm,
+}
+"""Recipe task (`RECIPE_TASKS`) → what loads its model and data."""
 
 
 def _make_callbacks(recipe: Recipe, model: Any, pruning_cfg: Any) -> tuple[Any, list[Any]]:
@@ -306,23 +392,19 @@ def _bench_baseline(recipe: Recipe, model_src: str, start_kind: str | None) -> s
 
 def _train(run: _Run, resumed_from: int | None, start: float) -> tuple[Any, dict[str, float]]:
     """Train (resuming from checkpoint ``resumed_from``); return the Trainer and the whole run's totals."""
-    from transformers import DataCollatorForTokenClassification, Trainer
+    from transformers import Trainer
 
     from prune_trainer.callbacks import SparsityLoggingCallback
-    from prune_trainer.data import make_compute_metrics, preprocess_logits_for_metrics
 
     resume_path = run.ckpt_dir / f"checkpoint-{resumed_from}" if resumed_from is not None else None
     run_state = RunStateCallback.from_checkpoint(resume_path, start)
     trainer = Trainer(
         model=run.model,
         args=run.args,
-        train_dataset=run.train_ds,
-        eval_dataset=run.eval_sets["validation"][0],
-        data_collator=DataCollatorForTokenClassification(run.tokenizer),
+        train_dataset=run.task.train_ds,
         processing_class=run.tokenizer,
-        compute_metrics=make_compute_metrics(groups=run.eval_sets["validation"][1]),
-        preprocess_logits_for_metrics=preprocess_logits_for_metrics,
         callbacks=[*run.callbacks, run_state],
+        **run.task.trainer_kwargs,
     )
     run_state.attach(trainer)
     if run.pruner is not None:
@@ -337,19 +419,14 @@ def _train(run: _Run, resumed_from: int | None, start: float) -> tuple[Any, dict
 
 
 def _evaluate_and_export(run: _Run, trainer: Any) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Validation (and test) metrics of the trained model, then the exported ``model/``; return both."""
+    """The task's final metrics of the trained model (`_TaskData.evaluate`), then the exported ``model/``; return
+    both."""
     from prune_trainer.callbacks.structured import GroupPruningCallback
-    from prune_trainer.data import make_compute_metrics
     from prune_trainer.export import export_pruned_model
     from prune_trainer.factorization import merge_word_embeddings
     from prune_trainer.recipes.pruned_start import fixed_structure_report
 
-    metrics: dict[str, Any] = {"name": run.recipe.name}
-    for split, (ds, groups) in run.eval_sets.items():
-        prefix = "eval" if split == "validation" else "test"
-        trainer.compute_metrics = make_compute_metrics(groups=groups)
-        res = trainer.evaluate(ds, metric_key_prefix=prefix)
-        metrics.update({k: v for k, v in res.items() if k.startswith(prefix + "_")})
+    metrics: dict[str, Any] = {"name": run.recipe.name, **run.task.evaluate(trainer)}
     if run.recipe.factorize_embeddings is not None:
         merge_word_embeddings(run.model)  # plain nn.Embedding holding A B: a standard checkpoint
     if isinstance(run.pruner, GroupPruningCallback):  # heads / FFN neurons removed: export the smaller model
@@ -461,7 +538,8 @@ def results_markdown(metrics: dict[str, Any]) -> str:
         "| metric | value |",
         "|---|---|",
     ]
-    keys = ("eval_f1", "eval_precision", "eval_recall", "test_f1", "sparsity", "train_steps", "wall_time_s",
+    keys = ("eval_f1", "eval_precision", "eval_recall", "test_f1", "eval_perplexity", "eval_nll", "eval_tokens",
+            "eval_windows", "sparsity", "train_steps", "wall_time_s",
             "pruning_time_s", "peak_rss_mib")
     for key in keys:
         if key in metrics:
