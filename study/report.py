@@ -27,6 +27,46 @@ def load_runs(results_dir: str | Path) -> list[dict[str, Any]]:
     return runs
 
 
+def load_lm_runs(results_dir: str | Path) -> list[dict[str, Any]]:
+    """The causal-LM recipe runs (``metrics.json`` with ``eval_perplexity``) under ``{runs,ablations}``, each with
+    ``folder`` as `load_runs`."""
+    runs = []
+    for folder in run_folders(results_dir):
+        data = json.loads((folder / "metrics.json").read_text())
+        if "eval_perplexity" in data:
+            data.setdefault("name", folder.name)
+            data["folder"] = folder.relative_to(results_dir).as_posix()
+            runs.append(data)
+    return runs
+
+
+def lm_table(runs: list[dict[str, Any]]) -> str:
+    """Causal-LM runs: start model, pruning method, steps, sparsity measured on the export, perplexity (its windows)
+    and wall time."""
+    lines = ["| run | start model | method | steps | sparsity | perplexity | windows × tokens | wall time |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in runs:
+        config = r.get("config") or {}
+        method = (config.get("pruning") or {}).get("method", "dense")
+        start = Path(str(config.get("init_from") or config.get("model") or "-"))
+        start = start.parent.name if start.name == "model" else start.name  # an export: its run's folder
+        lines.append(f"| [{r['name']}]({r['folder']}/) | {start} | {method} | {r.get('train_steps', '-')} | "
+                     f"{r['sparsity']:.4f} | {r['eval_perplexity']:.2f} | {r['eval_windows']} × "
+                     f"{r.get('eval_seqlen', '-')} | {r['wall_time_s'] / 60:.1f} min |")
+    return "\n".join(lines)
+
+
+def _lm_section(results_dir: Path) -> list[str]:
+    """The causal-LM runs (empty when there are none)."""
+    runs = load_lm_runs(results_dir)
+    if not runs:
+        return []
+    return ["## Causal-LM runs", "",
+            "Recipes with `task: causal-lm`: perplexity of the trained export on the CoNLL-2003 validation text "
+            "(non-overlapping windows, the one-shot protocol of `oneshot/smollm2`), sparsity measured on the export.",
+            "", lm_table(runs), ""]
+
+
 def _config_section(run: dict[str, Any], key: str) -> dict[str, Any]:
     """One section (``pruning``, ``training``, ...) of a run's stored config; ``{}`` when absent (dense runs)."""
     return (run.get("config") or {}).get(key) or {}
@@ -490,7 +530,7 @@ def write_report(results_dir: str | Path = "results") -> Path:
     if structured_runs(runs):
         text += ["## Structured pruning: F1 against the measured CPU speed-up", "", structured_table(runs), ""]
         text += [f"![{p.stem}]({p.name})" for p in plot_structured(runs, results_dir)] + [""]
-    text += [*_costs_section(runs, results_dir), *_pages_section(results_dir)]
+    text += [*_lm_section(results_dir), *_costs_section(runs, results_dir), *_pages_section(results_dir)]
     path = results_dir / "README.md"
     path.write_text("\n".join(text))
     return path

@@ -218,3 +218,19 @@ def test_oneshot_cost_table_finds_the_calibration_part_of_any_key_layout():
     table = oneshot_cost_table(results)
     assert "| sparsegpt | 128 | 1 | 2.0 s (2.0–2.0) | 1.0 s |" in table
     assert "| llm-surgeon | 128 | 1 | 4.0 s (4.0–4.0) | - |" in table and "dense" not in table
+
+
+def test_causal_lm_runs_get_their_own_table(tmp_path):
+    _write(tmp_path, "dense", 0.9, 0.0)
+    run = tmp_path / "runs" / "llm_recover"
+    run.mkdir(parents=True)
+    config = {"model": "/somewhere/sgpt_2of4/model", "pruning": {"method": "fixed_mask"}}
+    (run / "metrics.json").write_text(json.dumps({
+        "name": "llm_recover", "eval_perplexity": 26.2748, "eval_windows": 8, "eval_seqlen": 512, "sparsity": 0.5,
+        "train_steps": 300, "wall_time_s": 1385.3, "config": config}))
+    assert [r["name"] for r in load_runs(tmp_path)] == ["dense"]  # not among the F1 runs
+    assert main(["report", str(tmp_path)]) == 0
+    readme = (tmp_path / "README.md").read_text()
+    assert "## Causal-LM runs" in readme
+    assert ("| [llm_recover](runs/llm_recover/) | sgpt_2of4 | fixed_mask | 300 | 0.5000 | 26.27 | 8 × 512 | 23.1 min |"
+            in readme)
