@@ -14,30 +14,27 @@ from typing import Any
 from study.index import run_folders, write_index
 
 
-def load_runs(results_dir: str | Path) -> list[dict[str, Any]]:
-    """All ``<results_dir>/{runs,ablations}/<run>/metrics.json`` (runs without ``eval_f1`` are skipped), each with
-    ``folder``: its folder relative to ``results_dir`` (in memory only)."""
+def _runs_with(results_dir: str | Path, key: str) -> list[dict[str, Any]]:
+    """Every ``<results_dir>/{runs,ablations}/<run>/metrics.json`` holding ``key``, each with ``folder``: its folder
+    relative to ``results_dir`` (in memory only)."""
     runs = []
     for folder in run_folders(results_dir):
         data = json.loads((folder / "metrics.json").read_text())
-        if "eval_f1" in data:
+        if key in data:
             data.setdefault("name", folder.name)
             data["folder"] = folder.relative_to(results_dir).as_posix()
             runs.append(data)
     return runs
+
+
+def load_runs(results_dir: str | Path) -> list[dict[str, Any]]:
+    """The token-classification runs (``metrics.json`` with ``eval_f1``; the others are skipped), see `_runs_with`."""
+    return _runs_with(results_dir, "eval_f1")
 
 
 def load_lm_runs(results_dir: str | Path) -> list[dict[str, Any]]:
-    """The causal-LM recipe runs (``metrics.json`` with ``eval_perplexity``) under ``{runs,ablations}``, each with
-    ``folder`` as `load_runs`."""
-    runs = []
-    for folder in run_folders(results_dir):
-        data = json.loads((folder / "metrics.json").read_text())
-        if "eval_perplexity" in data:
-            data.setdefault("name", folder.name)
-            data["folder"] = folder.relative_to(results_dir).as_posix()
-            runs.append(data)
-    return runs
+    """The causal-LM recipe runs (``metrics.json`` with ``eval_perplexity``), see `_runs_with`."""
+    return _runs_with(results_dir, "eval_perplexity")
 
 
 def lm_table(runs: list[dict[str, Any]]) -> str:
