@@ -21,7 +21,6 @@ import argparse
 import json
 import re
 import shlex
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -33,6 +32,7 @@ from prune_trainer.io import atomic_write_json
 from prune_trainer.llm.models import EMBEDDED_LLM
 from prune_trainer.masking.selection import parse_pattern
 from prune_trainer.oneshot.runner import OneShotConfig, run_oneshot
+from prune_trainer.provenance import git_commit
 
 OWL_M, OWL_LAMBDA = 5.0, 0.08  # Yin et al. 2024, §4 (LLaMA settings)
 DEFAULT_CALIB, DEFAULT_EVAL = "conll-train", "conll-validation"
@@ -121,11 +121,6 @@ def per_block(values: dict[str, float]) -> dict[int, float]:
     for name, value in values.items():
         out.setdefault(int(re.search(r"\.(\d+)\.", name).group(1)), value)
     return out
-
-
-def git_commit() -> str:
-    out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=False)
-    return out.stdout.strip() or "unknown"
 
 
 def provenance(args: argparse.Namespace, device: str) -> dict[str, Any]:

@@ -73,23 +73,26 @@ def load_causal_lm(
     """A causal LM (in eval mode) and its tokenizer: ``"embedded-llm"``/``None`` → SmolLM2-135M (`embedded_llm_dir`,
     float32), a path to a ``.gguf`` file, a saved model directory or a hub id. A tokenizer without a pad token gets
     its end-of-sequence token as pad token."""
-    from prune_trainer.models import resolve_model_path
-
-    name = EMBEDDED_LLM if name_or_path is None else str(name_or_path)
-    gguf = Path(name).expanduser()
-    if gguf.suffix == ".gguf":
-        if not gguf.is_file():
-            raise FileNotFoundError(f"GGUF model file {name!r} does not exist")
-        _require_gguf()
-        kwargs = {"gguf_file": gguf.name}
-        path = str(gguf.parent)
-    else:
-        kwargs, path = {}, resolve_model_path(name)
+    path, kwargs = causal_lm_location(EMBEDDED_LLM if name_or_path is None else str(name_or_path))
     tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model.eval(), tokenizer
+
+
+def causal_lm_location(name: str) -> tuple[str, dict[str, str]]:
+    """Where `load_causal_lm` loads ``name`` from: ``(folder, {"gguf_file": file})`` for a ``.gguf`` file (it must
+    exist, and the ``gguf`` package be installed), else ``(resolve_model_path(name), {})``."""
+    from prune_trainer.models import resolve_model_path
+
+    gguf = Path(name).expanduser()
+    if gguf.suffix != ".gguf":
+        return resolve_model_path(name), {}
+    if not gguf.is_file():
+        raise FileNotFoundError(f"GGUF model file {name!r} does not exist")
+    _require_gguf()
+    return str(gguf.parent), {"gguf_file": gguf.name}
 
 
 def context_length(model: nn.Module) -> int | None:

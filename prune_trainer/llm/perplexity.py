@@ -163,10 +163,19 @@ def evaluate_causal_lm(model: nn.Module, tokenizer: Any, splits: dict[str, list[
     else:
         text = sentences_text(splits["validation"])
     seqlen = min(cfg.max_length, context_length(model) or cfg.max_length)
+    return perplexity_metrics(model, tokenize_text(text, tokenizer), seqlen, cfg.eval_batch_size,
+                              getattr(cfg, "eval_windows", None))
+
+
+def perplexity_metrics(
+    model: nn.Module, ids: torch.Tensor, seqlen: int, eval_batch_size: int, max_windows: int | None = None
+) -> dict[str, Any]:
+    """`perplexity` over the non-overlapping ``seqlen`` windows of ``ids`` (``max_windows`` evenly spaced ones), in
+    batches of at most ``eval_batch_size`` windows whose float32 logits stay ≤ 1 GiB; the ``eval_*`` metrics of a
+    one-shot result or a recipe run."""
     vocab = int(getattr(model.config, "vocab_size", 0) or 1)
-    batch_size = max(1, min(cfg.eval_batch_size, MAX_LOGITS // (seqlen * vocab)))  # float32 logits ≤ 1 GiB
-    r = perplexity(model, tokenize_text(text, tokenizer), seqlen, batch_size=batch_size,
-                   max_windows=getattr(cfg, "eval_windows", None))
+    batch_size = max(1, min(eval_batch_size, MAX_LOGITS // (seqlen * vocab)))
+    r = perplexity(model, ids, seqlen, batch_size=batch_size, max_windows=max_windows)
     return {"eval_perplexity": r.perplexity, "eval_nll": r.nll, "eval_tokens": r.n_tokens,
-            "eval_windows": r.n_windows, "eval_seqlen": seqlen,
+            "eval_windows": r.n_windows, "eval_seqlen": r.seqlen,
             "eval_batch_size": batch_size, "eval_time_s": round(r.time_s, 1)}

@@ -21,7 +21,7 @@ import torch
 from torch.utils.data import Dataset
 
 from prune_trainer.data.text import CONLL_TEXT_SOURCES, WIKITEXT_SOURCES
-from prune_trainer.llm.perplexity import MAX_LOGITS, evenly_spaced, perplexity, perplexity_windows
+from prune_trainer.llm.perplexity import evenly_spaced, perplexity_metrics, perplexity_windows
 from prune_trainer.recipes.recipe import DataOptions, Recipe
 
 
@@ -82,17 +82,19 @@ def eval_windows(ids: torch.Tensor, seqlen: int, max_windows: int | None = None)
 
 
 def resolve_lm_source(recipe: Recipe) -> str:
-    """The causal LM the run starts from (``init_from`` over ``model``, default ``embedded-llm``): a ``.gguf``
-    file (it must exist), else a model directory or hub id checked by `resolve_model_path`."""
-    from prune_trainer.llm.models import EMBEDDED_LLM
-    from prune_trainer.models import resolve_model_path
+    """The causal LM the run starts from (``init_from`` over ``model``, default ``embedded-llm``), checked where
+    `load_causal_lm` will load it (`causal_lm_location`): a ``.gguf`` file (returned as given), else the model
+    directory or hub id `resolve_model_path` gives."""
+    from prune_trainer.llm.models import EMBEDDED_LLM, causal_lm_location
 
     name = recipe.init_from or recipe.model or EMBEDDED_LLM
-    if Path(name).suffix == ".gguf":
-        if not Path(name).expanduser().is_file():
-            raise FileNotFoundError(f"{recipe.source}: GGUF model file {name!r} does not exist")
-        return name
-    return resolve_model_path(name)
+    try:
+        path, gguf = causal_lm_location(name)
+    except FileNotFoundError as err:
+        if Path(name).suffix != ".gguf":
+            raise
+        raise FileNotFoundError(f"{recipe.source}: {err}") from err
+    return name if gguf else path
 
 
 def load_lm_task(recipe: Recipe, model_src: str) -> tuple[Any, Any, LmData]:
@@ -129,13 +131,9 @@ def lm_trainer_kwargs(lm: LmData) -> dict[str, Any]:
 
 
 def evaluate_lm(model: Any, lm: LmData, eval_batch_size: int) -> dict[str, Any]:
-    """Perplexity of the trained model on the evaluation windows (`perplexity`, batches of ``eval_batch_size``
-    windows at most, and float32 logits ≤ 1 GiB); then restores the model's ``use_cache`` for the export."""
-    vocab = int(getattr(model.config, "vocab_size", 0) or 1)
-    batch_size = max(1, min(eval_batch_size, MAX_LOGITS // (lm.seqlen * vocab)))
-    r = perplexity(model, lm.eval_ids, lm.seqlen, batch_size=batch_size, max_windows=lm.max_windows)
+    """Perplexity of the trained model on the evaluation windows (`perplexity_metrics`); then restores the model's
+    ``use_cache`` for the export."""
+    metrics = perplexity_metrics(model, lm.eval_ids, lm.seqlen, eval_batch_size, lm.max_windows)
     if lm.use_cache is not None:
         model.config.use_cache = lm.use_cache
-    return {"eval_perplexity": r.perplexity, "eval_nll": r.nll, "eval_tokens": r.n_tokens,
-            "eval_windows": r.n_windows, "eval_seqlen": r.seqlen, "eval_batch_size": batch_size,
-            "eval_time_s": round(r.time_s, 1)}
+    return metrics
